@@ -1,0 +1,351 @@
+# -*- coding: utf-8 -*-
+# Copyright: meshcapture.sidecar contributors
+# Apache License 2.0 (see LICENSE)
+"""Validated capture configuration (istio-iptables 1.17 options).
+
+Pure Python, no Ansible imports.  Every value that can end up in an
+iptables-restore payload is checked against a strict grammar here, so no
+option can smuggle whitespace, newlines or option-like text into a rule.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ipaddress
+import re
+
+
+class CaptureError(Exception):
+    """Base class of every error the capture core raises."""
+
+
+class ConfigError(CaptureError):
+    """An option has a value the capture cannot use."""
+
+    def __init__(self, option, value, reason):
+        self.option = option
+        self.value = value
+        self.reason = reason
+        super(ConfigError, self).__init__("%s: %s (got %r)" % (option, reason, value))
+
+
+INTERCEPTION_MODES = ("REDIRECT", "TPROXY")
+# Routing tables the kernel reserves: unspec, default, main, local.
+RESERVED_ROUTE_TABLES = (0, 253, 254, 255)
+MAX_U32 = 2 ** 32 - 1
+# istio-iptables config.maxOwnerGroupsInclude: the included groups become
+# one rule with N owner matches, which must stay short.
+MAX_OWNER_GROUPS_INCLUDE = 64
+
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+_DIGITS_RE = re.compile(r"^[0-9]{1,10}$")
+_POSIX_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}$")
+_ADDR_CHARS_RE = re.compile(r"^[0-9A-Fa-f:.]+$")
+
+# name -> default, in INTERFACE.md order.  proxy_gid None means "same as
+# proxy_uid"; dns_servers_* None means "read /etc/resolv.conf".
+DEFAULTS = {
+    "proxy_port": 15001,
+    "inbound_capture_port": 15006,
+    "inbound_tunnel_port": 15008,
+    "proxy_uid": ["1337"],
+    "proxy_gid": None,
+    "inbound_interception_mode": "REDIRECT",
+    "inbound_tproxy_mark": 1337,
+    "inbound_tproxy_route_table": 133,
+    "inbound_ports_include": [],
+    "inbound_ports_exclude": [],
+    "outbound_ports_include": [],
+    "outbound_ports_exclude": [],
+    "outbound_ip_ranges_include": [],
+    "outbound_ip_ranges_exclude": [],
+    "kube_virt_interfaces": [],
+    "exclude_interfaces": [],
+    "owner_groups_include": ["*"],
+    "owner_groups_exclude": [],
+    "redirect_dns": False,
+    "capture_all_dns": False,
+    "dns_servers_v4": None,
+    "dns_servers_v6": None,
+    "drop_invalid": False,
+    "enable_inbound_ipv6": False,
+    "trace_logging": False,
+}
+
+
+def as_list(option, value):
+    """Normalise a list option: None, a list, or a comma-separated string.
+
+    Empty items are dropped (istio's config.Split); surrounding blanks are
+    stripped so values copied from a cluster.env work.
+    """
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        items = value
+    elif isinstance(value, str):
+        items = value.split(",")
+    else:
+        raise ConfigError(option, value, "expected a list or a comma-separated string")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise ConfigError(option, item, "expected a string item")
+        text = str(item).strip()
+        if text:
+            out.append(text)
+    return out
+
+
+def check_int(option, value, low, high, reserved=()):
+    """An integer in [low, high] (accepts digit strings), not in reserved."""
+    if isinstance(value, bool):
+        raise ConfigError(option, value, "expected an integer")
+    if isinstance(value, str):
+        if not _DIGITS_RE.match(value):
+            raise ConfigError(option, value, "expected an integer")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ConfigError(option, value, "expected an integer")
+    if not low <= value <= high:
+        raise ConfigError(option, value, "must be between %d and %d" % (low, high))
+    if value in reserved:
+        raise ConfigError(option, value, "is reserved by the kernel")
+    return value
+
+
+def check_port(option, value):
+    """A TCP/UDP port 1-65535, returned as a canonical decimal string."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not _PORT_RE.match(text) or not 1 <= int(text) <= 65535:
+        raise ConfigError(option, value, "expected a port number between 1 and 65535")
+    return str(int(text))
+
+
+def check_ports(option, values, wildcard=False):
+    """A list of ports; with wildcard, ["*"] alone means every port."""
+    ports = as_list(option, values)
+    if "*" in ports:
+        if not wildcard:
+            raise ConfigError(option, "*", "'*' is not allowed here")
+        if len(ports) != 1:
+            raise ConfigError(option, ports, "'*' must be the only item")
+        return ["*"]
+    return [check_port(option, p) for p in ports]
+
+
+def check_owner(option, value):
+    """A numeric uid/gid or a POSIX user/group name."""
+    if _DIGITS_RE.match(value):
+        if int(value) > MAX_U32 - 1:
+            raise ConfigError(option, value, "numeric id is out of range")
+        return value
+    if not _POSIX_NAME_RE.match(value):
+        raise ConfigError(option, value, "expected a numeric id or a POSIX user/group name")
+    return value
+
+
+def check_owners(option, values, wildcard=False):
+    owners = as_list(option, values)
+    if "*" in owners:
+        if not wildcard:
+            raise ConfigError(option, "*", "'*' is not allowed here")
+        if len(owners) != 1:
+            raise ConfigError(option, owners, "'*' must be the only item")
+        return ["*"]
+    return [check_owner(option, o) for o in owners]
+
+
+def check_interface(option, value):
+    """A Linux interface name (at most 15 characters, iptables '+' allowed)."""
+    if value in (".", "..") or not _IFNAME_RE.match(value):
+        raise ConfigError(
+            option, value,
+            "expected an interface name of 1-15 characters from [A-Za-z0-9_.@+-], not starting with '-'")
+    return value
+
+
+def _check_address(option, value, version):
+    if not _ADDR_CHARS_RE.match(value):
+        raise ConfigError(option, value, "expected an IPv%d address" % version)
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(option, value, "expected an IPv%d address" % version)
+    if addr.version != version:
+        raise ConfigError(option, value, "expected an IPv%d address" % version)
+    return addr
+
+
+def check_dns_servers(option, values, version):
+    """DNS server addresses of one family, kept as written (istio appends /32 or /128)."""
+    out = []
+    for value in as_list(option, values):
+        _check_address(option, value, version)
+        out.append(value)
+    return out
+
+
+class Cidr(object):
+    """A normalised network as istio's net.ParseCIDR gives it."""
+
+    __slots__ = ("network", "is_loopback")
+
+    def __init__(self, network, is_loopback):
+        self.network = network
+        self.is_loopback = is_loopback
+
+    @property
+    def version(self):
+        return self.network.version
+
+    def __str__(self):
+        return str(self.network)
+
+
+def check_cidr(option, value):
+    if "/" not in value:
+        raise ConfigError(option, value, "expected a CIDR (address/prefix length)")
+    address, _, prefix = value.partition("/")
+    if not _ADDR_CHARS_RE.match(address) or not re.match(r"^[0-9]{1,3}$", prefix):
+        raise ConfigError(option, value, "expected a CIDR (address/prefix length)")
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise ConfigError(option, value, "expected a CIDR (address/prefix length)")
+    if iface.version == 6 and iface.ip.ipv4_mapped is not None:
+        raise ConfigError(option, value, "IPv4-mapped IPv6 ranges are not supported; use the IPv4 form")
+    return Cidr(iface.network, iface.ip.is_loopback)
+
+
+def check_cidrs(option, values, wildcard=False):
+    items = as_list(option, values)
+    if "*" in items:
+        if not wildcard:
+            raise ConfigError(option, "*", "'*' is not allowed here")
+        if len(items) != 1:
+            raise ConfigError(option, items, "'*' must be the only item")
+        return "*"
+    return [check_cidr(option, item) for item in items]
+
+
+def check_bool(option, value):
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(option, value, "expected a boolean")
+
+
+def parse_resolv_conf(text):
+    """Name servers of a resolv.conf, split by family (istio SplitV4V6).
+
+    Returns (v4, v6, warnings); unusable entries become warnings.
+    """
+    v4, v6, warnings = [], [], []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != "nameserver":
+            continue
+        server = fields[1]
+        try:
+            addr = ipaddress.ip_address(server)
+        except ValueError:
+            warnings.append("ignoring resolv.conf nameserver %r: not an IP address" % server)
+            continue
+        (v4 if addr.version == 4 else v6).append(str(addr))
+    return v4, v6, warnings
+
+
+class CaptureConfig(object):
+    """The validated configuration of one capture ruleset.
+
+    Build it with from_params(); attributes carry the option names of
+    INTERFACE.md.  Ports are canonical strings, outbound ranges are lists
+    of Cidr or the string "*".
+    """
+
+    def __init__(self):
+        self.warnings = []
+
+    @classmethod
+    def from_params(cls, params, read_resolv_conf=None):
+        """Validate a dict of options (missing or None -> default).
+
+        read_resolv_conf is a callable returning the text of the host's
+        resolv.conf; it is called only when DNS capture needs it.
+        """
+        unknown = sorted(set(params) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(unknown[0], params[unknown[0]], "unknown option")
+
+        def get(name):
+            value = params.get(name)
+            return DEFAULTS[name] if value is None else value
+
+        cfg = cls()
+        cfg.proxy_port = check_port("proxy_port", get("proxy_port"))
+        cfg.inbound_capture_port = check_port("inbound_capture_port", get("inbound_capture_port"))
+        cfg.inbound_tunnel_port = check_port("inbound_tunnel_port", get("inbound_tunnel_port"))
+        cfg.proxy_uid = check_owners("proxy_uid", get("proxy_uid"))
+        gid = params.get("proxy_gid")
+        cfg.proxy_gid = list(cfg.proxy_uid) if gid is None else check_owners("proxy_gid", gid)
+
+        mode = get("inbound_interception_mode")
+        if mode not in INTERCEPTION_MODES:
+            raise ConfigError("inbound_interception_mode", mode,
+                              "expected one of %s" % ", ".join(INTERCEPTION_MODES))
+        cfg.inbound_interception_mode = mode
+        cfg.inbound_tproxy_mark = str(check_int("inbound_tproxy_mark", get("inbound_tproxy_mark"), 1, MAX_U32))
+        cfg.inbound_tproxy_route_table = check_int(
+            "inbound_tproxy_route_table", get("inbound_tproxy_route_table"), 1, MAX_U32,
+            reserved=RESERVED_ROUTE_TABLES)
+
+        cfg.inbound_ports_include = check_ports("inbound_ports_include", get("inbound_ports_include"), wildcard=True)
+        cfg.inbound_ports_exclude = check_ports("inbound_ports_exclude", get("inbound_ports_exclude"))
+        cfg.outbound_ports_include = check_ports("outbound_ports_include", get("outbound_ports_include"))
+        cfg.outbound_ports_exclude = check_ports("outbound_ports_exclude", get("outbound_ports_exclude"))
+        cfg.outbound_ip_ranges_include = check_cidrs(
+            "outbound_ip_ranges_include", get("outbound_ip_ranges_include"), wildcard=True)
+        cfg.outbound_ip_ranges_exclude = check_cidrs("outbound_ip_ranges_exclude", get("outbound_ip_ranges_exclude"))
+        cfg.kube_virt_interfaces = [check_interface("kube_virt_interfaces", i)
+                                    for i in as_list("kube_virt_interfaces", get("kube_virt_interfaces"))]
+        cfg.exclude_interfaces = [check_interface("exclude_interfaces", i)
+                                  for i in as_list("exclude_interfaces", get("exclude_interfaces"))]
+
+        cfg.owner_groups_include = check_owners("owner_groups_include", get("owner_groups_include"), wildcard=True)
+        cfg.owner_groups_exclude = check_owners("owner_groups_exclude", get("owner_groups_exclude"))
+        if cfg.owner_groups_include != ["*"]:
+            if len(cfg.owner_groups_include) > MAX_OWNER_GROUPS_INCLUDE:
+                raise ConfigError("owner_groups_include", cfg.owner_groups_include,
+                                  "at most %d groups can be included" % MAX_OWNER_GROUPS_INCLUDE)
+            if not cfg.owner_groups_include:
+                cfg.warnings.append("owner_groups_include is empty: no outbound traffic will be captured")
+            if cfg.owner_groups_exclude:
+                cfg.warnings.append("owner_groups_exclude is ignored because owner_groups_include is not '*'")
+
+        for name in ("redirect_dns", "capture_all_dns", "drop_invalid", "enable_inbound_ipv6", "trace_logging"):
+            setattr(cfg, name, check_bool(name, get(name)))
+
+        v4, v6 = params.get("dns_servers_v4"), params.get("dns_servers_v6")
+        if cfg.redirect_dns and not cfg.capture_all_dns and (v4 is None or v6 is None) and read_resolv_conf:
+            found4, found6, warnings = parse_resolv_conf(read_resolv_conf())
+            cfg.warnings.extend(warnings)
+            v4 = found4 if v4 is None else v4
+            v6 = found6 if v6 is None else v6
+        cfg.dns_servers_v4 = check_dns_servers("dns_servers_v4", v4, 4)
+        cfg.dns_servers_v6 = check_dns_servers("dns_servers_v6", v6, 6)
+        return cfg
+
+    def to_dict(self):
+        """The effective options, in a JSON-friendly form."""
+        out = {}
+        for name in DEFAULTS:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = [str(v) for v in value]
+            out[name] = value
+        out["inbound_tproxy_mark"] = int(self.inbound_tproxy_mark)
+        for name in ("proxy_port", "inbound_capture_port", "inbound_tunnel_port"):
+            out[name] = int(out[name])
+        return out
