@@ -342,6 +342,8 @@ class CaptureConfig(object):
         out = {}
         for name in DEFAULTS:
             value = getattr(self, name)
+            if value == "*":
+                value = ["*"]
             if isinstance(value, list):
                 value = [str(v) for v in value]
             out[name] = value

@@ -1,0 +1,416 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: meshcapture.sidecar contributors
+# Apache License 2.0 (see LICENSE)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: rules
+short_description: Istio sidecar traffic capture rules (istio-iptables 1.17), applied idempotently
+version_added: 0.1.0
+description:
+  - Generates the iptables ruleset that C(istio-iptables) 1.17 installs for a sidecar, rule for rule and in
+    the same order, from the same options, and converges a host to it.
+  - O(state=present) reads the live rules once per family (C(iptables-save)), compares the capture-owned
+    rules exactly, and applies only the changed chains with one atomic C(iptables-restore --noflush) per
+    family. A second run with the same options reports no change and writes nothing.
+  - The capture owns the C(ISTIO_*) chains of the C(nat), C(mangle) and C(raw) tables and its own rules in
+    their built-in chains. Rules of other software are never touched.
+  - O(state=absent) removes every capture-owned rule and chain, also those istio-clean-iptables leaves
+    behind, without needing the options the capture was applied with.
+  - O(state=rendered) only computes the ruleset; it needs no privileges and touches nothing.
+  - If the IPv6 restore fails after IPv4 was changed, IPv4 is put back as it was.
+author:
+  - meshcapture.sidecar contributors
+extends_documentation_fragment:
+  - meshcapture.sidecar.attributes
+  - meshcapture.sidecar.capture
+options:
+  state:
+    description:
+      - V(present) converges to the ruleset, V(absent) removes the capture, V(rendered) computes only.
+    type: str
+    choices: [present, absent, rendered]
+    default: present
+  backend:
+    description:
+      - Which iptables binaries to use. V(auto) uses C(iptables-legacy) only where legacy tables already hold
+        rules (as istio does), C(iptables-nft) otherwise.
+    type: str
+    choices: [auto, iptables-nft, iptables-legacy]
+    default: auto
+  proxy_port:
+    description: Port the proxy's outbound listener captures on (C(-p) / E(ENVOY_PORT)).
+    type: int
+    default: 15001
+  inbound_capture_port:
+    description: Port inbound traffic is redirected to (C(-z) / E(INBOUND_CAPTURE_PORT)).
+    type: int
+    default: 15006
+  inbound_tunnel_port:
+    description: Tunnel port that bypasses inbound capture (C(-e) / E(INBOUND_TUNNEL_PORT)).
+    type: int
+    default: 15008
+  proxy_uid:
+    description: User IDs or names whose traffic is never captured: the proxy's (C(-u)).
+    type: list
+    elements: str
+    default: ['1337']
+  proxy_gid:
+    description: Group IDs or names whose traffic is never captured (C(-g)). Defaults to O(proxy_uid).
+    type: list
+    elements: str
+  inbound_interception_mode:
+    description: How inbound traffic is captured (C(-m) / E(ISTIO_INBOUND_INTERCEPTION_MODE)).
+    type: str
+    choices: [REDIRECT, TPROXY]
+    default: REDIRECT
+  inbound_ports_include:
+    description:
+      - Inbound ports to capture, or V(*) for all (C(-b) / E(ISTIO_INBOUND_PORTS)). Empty captures no inbound
+        traffic.
+    type: list
+    elements: str
+    default: []
+  inbound_ports_exclude:
+    description: Inbound ports not captured when O(inbound_ports_include=*) (C(-d) / E(ISTIO_LOCAL_EXCLUDE_PORTS)).
+    type: list
+    elements: str
+    default: []
+  outbound_ports_include:
+    description: Outbound ports always captured (C(-q) / E(ISTIO_OUTBOUND_PORTS)).
+    type: list
+    elements: str
+    default: []
+  outbound_ports_exclude:
+    description: Outbound ports never captured (C(-o) / E(ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE)).
+    type: list
+    elements: str
+    default: []
+  outbound_ip_ranges_include:
+    description:
+      - Destination CIDRs whose traffic is captured, or V(*) for all (C(-i) / E(ISTIO_SERVICE_CIDR)).
+      - Addresses are normalised to their network, like istio does (V(10.1.2.3/8) becomes V(10.0.0.0/8)).
+    type: list
+    elements: str
+    default: []
+  outbound_ip_ranges_exclude:
+    description: Destination CIDRs never captured (C(-x) / E(ISTIO_SERVICE_EXCLUDE_CIDR)).
+    type: list
+    elements: str
+    default: []
+  kube_virt_interfaces:
+    description: Interfaces whose inbound traffic is treated as outbound (C(-k)), as for KubeVirt VMs.
+    type: list
+    elements: str
+    default: []
+  exclude_interfaces:
+    description: Interfaces whose traffic is never captured (C(-c) / E(ISTIO_EXCLUDE_INTERFACES)).
+    type: list
+    elements: str
+    default: []
+  owner_groups_include:
+    description: Groups whose outbound traffic is captured, or V(*) for all (E(ISTIO_OUTBOUND_OWNER_GROUPS)). At most 64.
+    type: list
+    elements: str
+    default: ['*']
+  owner_groups_exclude:
+    description: Groups whose outbound traffic is not captured (E(ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)).
+    type: list
+    elements: str
+    default: []
+  redirect_dns:
+    description: Capture DNS (TCP and UDP port 53) to the agent on port 15053 (E(ISTIO_META_DNS_CAPTURE)).
+    type: bool
+    default: false
+  capture_all_dns:
+    description: With O(redirect_dns), capture DNS to every server, not only those of O(dns_servers_v4)/O(dns_servers_v6).
+    type: bool
+    default: false
+  dns_servers_v4:
+    description:
+      - IPv4 DNS servers whose traffic is captured. Unset, the target's C(/etc/resolv.conf) is read when
+        O(redirect_dns) is on; V([]) means none.
+    type: list
+    elements: str
+  dns_servers_v6:
+    description: IPv6 DNS servers whose traffic is captured, like O(dns_servers_v4).
+    type: list
+    elements: str
+  drop_invalid:
+    description: Drop packets conntrack finds INVALID instead of resetting connections (E(INVALID_DROP)).
+    type: bool
+    default: false
+  trace_logging:
+    description: Add NFLOG rules (group 1337) that trace which capture rules match (C(--iptables-trace-logging)).
+    type: bool
+    default: false
+  state_dir:
+    description:
+      - Where the module keeps its state record (per network namespace) and its cache of canonical rule forms.
+        Lost on reboot together with the rules when on a tmpfs, which is intended.
+    type: path
+    default: /run/meshcapture
+notes:
+  - Comma-separated strings are accepted wherever a list is, so values copied from an Istio C(cluster.env) work.
+  - The canonical form of the wanted rules is computed once by restoring them in a scratch network namespace
+    (C(unshare --net)) and cached in O(state_dir); this never touches the host's tables.
+requirements:
+  - iptables (C(iptables-nft-save) and friends, or the legacy ones), C(unshare) (util-linux)
+  - C(nft) to remove tables the capture created, on the nft backend
+seealso:
+  - module: meshcapture.sidecar.routes
+  - name: istio-iptables
+    description: The istio tool whose ruleset this module reproduces.
+    link: https://istio.io/latest/docs/ops/deployment/application-requirements/
+"""
+
+EXAMPLES = r"""
+- name: Preview the capture of a VM (no privileges needed)
+  meshcapture.sidecar.rules:
+    state: rendered
+    inbound_ports_include: ['*']
+    outbound_ip_ranges_include: ['*']
+  register: capture
+
+- name: Capture like a VM onboarded with istioctl (values from cluster.env)
+  meshcapture.sidecar.rules:
+    inbound_ports_include: '*'
+    inbound_ports_exclude: '22,15090,15021,15020'
+    outbound_ip_ranges_include: '*'
+    outbound_ip_ranges_exclude: '169.254.169.254/32'
+    redirect_dns: true
+    enable_inbound_ipv6: true
+
+- name: TPROXY inbound capture (also needs meshcapture.sidecar.routes)
+  meshcapture.sidecar.rules:
+    inbound_interception_mode: TPROXY
+    inbound_ports_include: ['*']
+
+- name: Remove the capture, whatever it was applied with
+  meshcapture.sidecar.rules:
+    state: absent
+"""
+
+RETURN = r"""
+commands:
+  description: The iptables and ip6tables commands, in istio-iptables 1.17 order and format.
+  returned: always
+  type: list
+  elements: str
+  sample: ['iptables -t nat -N ISTIO_INBOUND', 'iptables -t nat -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN']
+restore:
+  description: The iptables-restore (C(--noflush)) payloads that create the ruleset on a host without it.
+  returned: always
+  type: dict
+  contains:
+    ipv4:
+      description: Payload for iptables-restore; empty when there are no IPv4 rules.
+      type: str
+    ipv6:
+      description: Payload for ip6tables-restore; empty unless O(enable_inbound_ipv6).
+      type: str
+backend:
+  description: The iptables binaries used, or that would be used.
+  returned: always
+  type: str
+  sample: iptables-nft
+config:
+  description: The effective options after validation and defaults (DNS servers as read from resolv.conf).
+  returned: always
+  type: dict
+added:
+  description: Rules added, as C(<family> -t <table> -A <chain> <spec>) in iptables-save form.
+  returned: when state is present or absent
+  type: list
+  elements: str
+removed:
+  description: Rules removed, in the same form as RV(added).
+  returned: when state is present or absent
+  type: list
+  elements: str
+summary:
+  description: Counts of added and removed rules.
+  returned: when state is present or absent
+  type: dict
+  sample: {added: 16, removed: 0}
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import (
+    ApplyError,
+    Engine,
+    binary_names,
+    choose_backend,
+    count_rules,
+    format_owned,
+    legacy_tables_loaded,
+)
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (
+    DEFAULTS,
+    CaptureError,
+    CaptureConfig,
+)
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_generator import generate
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules import (
+    FAMILIES,
+    IPV4,
+    IPV6,
+    Ruleset,
+    render_commands,
+    render_restore,
+)
+
+C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
+
+
+def _list(default=None):
+    spec = dict(type="list", elements="str")
+    if default is not None:
+        spec["default"] = default
+    return spec
+
+
+ARGUMENT_SPEC = dict(
+    state=dict(type="str", default="present", choices=["present", "absent", "rendered"]),
+    backend=dict(type="str", default="auto", choices=["auto", "iptables-nft", "iptables-legacy"]),
+    state_dir=dict(type="path", default="/run/meshcapture"),
+    proxy_port=dict(type="int", default=15001),
+    inbound_capture_port=dict(type="int", default=15006),
+    inbound_tunnel_port=dict(type="int", default=15008),
+    proxy_uid=_list(["1337"]),
+    proxy_gid=_list(),
+    inbound_interception_mode=dict(type="str", default="REDIRECT", choices=["REDIRECT", "TPROXY"]),
+    inbound_tproxy_mark=dict(type="int", default=1337),
+    inbound_tproxy_route_table=dict(type="int", default=133),
+    inbound_ports_include=_list([]),
+    inbound_ports_exclude=_list([]),
+    outbound_ports_include=_list([]),
+    outbound_ports_exclude=_list([]),
+    outbound_ip_ranges_include=_list([]),
+    outbound_ip_ranges_exclude=_list([]),
+    kube_virt_interfaces=_list([]),
+    exclude_interfaces=_list([]),
+    owner_groups_include=_list(["*"]),
+    owner_groups_exclude=_list([]),
+    redirect_dns=dict(type="bool", default=False),
+    capture_all_dns=dict(type="bool", default=False),
+    dns_servers_v4=_list(),
+    dns_servers_v6=_list(),
+    drop_invalid=dict(type="bool", default=False),
+    enable_inbound_ipv6=dict(type="bool", default=False),
+    trace_logging=dict(type="bool", default=False),
+)
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (IOError, OSError):
+        return ""
+
+
+class _Runner(object):
+    """Runs commands through AnsibleModule.run_command in the C locale."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, argv, data=None):
+        return self.module.run_command(argv, data=data, binary_data=True, environ_update=C_LOCALE)
+
+
+def _detect_backend(module, requested, runner):
+    if requested != "auto":
+        return requested
+
+    def legacy_rule_count():
+        total = 0
+        for family in FAMILIES:
+            save = module.get_bin_path(binary_names("iptables-legacy")[family][0])
+            if save:
+                rc, out, dummy = runner([save])
+                total += count_rules(out) if rc == 0 else 0
+        return total
+
+    return choose_backend(requested, legacy_tables_loaded(_read_text), legacy_rule_count)
+
+
+def _diff(plans, backend):
+    return [dict(before_header="%s (%s)" % (family, backend), after_header="%s (%s)" % (family, backend),
+                 before=format_owned(plan.before), after=format_owned(plan.after))
+            for family, plan in plans.items()]
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    p = module.params
+    state = p["state"]
+    runner = _Runner(module)
+    try:
+        cfg = CaptureConfig.from_params(dict((k, p[k]) for k in DEFAULTS),
+                                        read_resolv_conf=lambda: _read_text("/etc/resolv.conf"))
+    except CaptureError as err:
+        module.fail_json(msg=str(err))
+    for warning in cfg.warnings:
+        module.warn(warning)
+
+    ruleset = generate(cfg)
+    result = dict(
+        changed=False,
+        commands=render_commands(ruleset),
+        restore=dict((family, render_restore(ruleset, family)) for family in FAMILIES),
+        config=cfg.to_dict(),
+    )
+    if state == "rendered":
+        result["backend"] = p["backend"] if p["backend"] != "auto" else "iptables-nft"
+        module.exit_json(**result)
+
+    backend = _detect_backend(module, p["backend"], runner)
+    result["backend"] = backend
+    families = FAMILIES
+    if not os.path.exists("/proc/net/if_inet6"):
+        families = (IPV4,)
+        if ruleset[IPV6]:
+            module.warn("IPv6 is disabled in this kernel: the IPv6 capture rules are skipped")
+    paths = {}
+    for family in families:
+        for name in binary_names(backend)[family]:
+            paths[name] = module.get_bin_path(name, required=True)
+    paths["unshare"] = module.get_bin_path("unshare", required=True)
+    paths["nft"] = module.get_bin_path("nft")
+
+    wanted = Ruleset() if state == "absent" else ruleset
+    engine = Engine(runner, backend, paths, p["state_dir"], families=families)
+    try:
+        plans, lives = engine.plan(wanted)
+        changed = any(plan.changed for plan in plans.values())
+        if changed and not module.check_mode:
+            engine.apply(plans, lives)
+    except ApplyError as err:
+        module.fail_json(msg=err.msg, cmd=" ".join(err.cmd or []), rc=err.rc, stderr=err.stderr or "", **result)
+    except CaptureError as err:
+        module.fail_json(msg=str(err), **result)
+    for warning in engine.warnings:
+        module.warn(warning)
+
+    result.update(
+        changed=changed,
+        added=[line for plan in plans.values() for line in plan.added],
+        removed=[line for plan in plans.values() for line in plan.removed],
+    )
+    result["summary"] = dict(added=len(result["added"]), removed=len(result["removed"]))
+    if module._diff:
+        result["diff"] = _diff(plans, backend)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
