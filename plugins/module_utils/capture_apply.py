@@ -123,7 +123,7 @@ def parse_save(text):
             chain, policy = line[1:].split(" ", 2)[:2]
             table.add_chain(chain, policy)
         elif line.startswith("-A "):
-            chain, _, spec = line[3:].partition(" ")
+            chain, spec = (line[3:].split(" ", 1) + [""])[:2]
             table.rules.setdefault(chain, []).append(spec)
             table.policies.setdefault(chain, "-")
         else:
@@ -192,19 +192,19 @@ def _owned_builtin(table, chain, specs, recorded, wanted):
     we want is never added twice).
     """
     spare_recorded = Counter(recorded)
-    owned_idx = []
+    owned = set()
     for index, spec in enumerate(specs, 1):
         if is_capture_rule(table, chain, spec):
-            owned_idx.append(index)
+            owned.add(index)
         elif spare_recorded[spec] > 0:
             spare_recorded[spec] -= 1
-            owned_idx.append(index)
-    spare_wanted = Counter(wanted) - Counter(specs[i - 1] for i in owned_idx)
+            owned.add(index)
+    spare_wanted = Counter(wanted) - Counter(specs[i - 1] for i in owned)
     for index, spec in enumerate(specs, 1):
-        if index not in owned_idx and spare_wanted[spec] > 0:
+        if index not in owned and spare_wanted[spec] > 0:
             spare_wanted[spec] -= 1
-            owned_idx.append(index)
-    return [(i, specs[i - 1]) for i in sorted(owned_idx)]
+            owned.add(index)
+    return [(i, specs[i - 1]) for i in sorted(owned)]
 
 
 def _verb_line(rule):
@@ -237,13 +237,13 @@ def plan_family(family, live, wanted, ruleset, recorded):
             want_specs = want_t.rules.get(chain, [])
             owned = _owned_builtin(table, chain, live_t.rules.get(chain, []), rec_t.get(chain, []), want_specs)
             if owned:
-                before[chain] = [spec for _, spec in owned]
+                before[chain] = [spec for dummy, spec in owned]
             if want_specs:
                 after[chain] = list(want_specs)
                 owned_after[chain] = list(want_specs)
-            if [spec for _, spec in owned] != want_specs:
+            if [spec for dummy, spec in owned] != want_specs:
                 rewrite.add(chain)
-                deletes.extend("-D %s %d" % (chain, i) for i, _ in reversed(owned))
+                deletes.extend("-D %s %d" % (chain, index) for index, dummy in reversed(owned))
 
         live_user = [c for c in live_t.user_chains() if is_capture_chain(c)]
         want_user = want_t.user_chains()
@@ -298,10 +298,10 @@ class Engine(object):
     goes to stdin).  paths maps executable names to absolute paths: the
     backend's save/restore binaries, 'unshare', and optionally 'nft'.
     state_dir holds the per-namespace state record and the canonical-form
-    cache.
+    cache; in check_mode nothing is written there.
     """
 
-    def __init__(self, runner, backend, paths, state_dir, families=FAMILIES, netns_id=None):
+    def __init__(self, runner, backend, paths, state_dir, families=FAMILIES, netns_id=None, check_mode=False):
         if backend not in BACKENDS:
             raise CaptureError("unknown backend %r" % backend)
         self.run = runner
@@ -311,6 +311,7 @@ class Engine(object):
         self.state_dir = state_dir
         self.families = tuple(families)
         self.netns_id = netns_id or _netns_id()
+        self.check_mode = check_mode
         self.warnings = []
 
     # -- commands ----------------------------------------------------------
@@ -352,7 +353,8 @@ class Engine(object):
         if rc != 0:
             raise ApplyError("%s: the kernel rejects the capture ruleset: %s" % (family, (err or out).strip()),
                              cmd=argv, rc=rc, stderr=err)
-        _write_atomic(cache, out)
+        if not self.check_mode:
+            _write_atomic(cache, out)
         return parse_save(out)
 
     # -- state record ------------------------------------------------------

@@ -208,7 +208,7 @@ class Cidr(object):
 def check_cidr(option, value):
     if "/" not in value:
         raise ConfigError(option, value, "expected a CIDR (address/prefix length)")
-    address, _, prefix = value.partition("/")
+    address, prefix = value.split("/", 1)
     if not _ADDR_CHARS_RE.match(address) or not re.match(r"^[0-9]{1,3}$", prefix):
         raise ConfigError(option, value, "expected a CIDR (address/prefix length)")
     try:

@@ -24,7 +24,7 @@ description:
   - O(state=rendered) only computes the ruleset; it needs no privileges and touches nothing.
   - If the IPv6 restore fails after IPv4 was changed, IPv4 is put back as it was.
 author:
-  - meshcapture.sidecar contributors
+  - meshcapture maintainers (@meshcapture)
 extends_documentation_fragment:
   - meshcapture.sidecar.attributes
   - meshcapture.sidecar.capture
@@ -55,7 +55,7 @@ options:
     type: int
     default: 15008
   proxy_uid:
-    description: User IDs or names whose traffic is never captured: the proxy's (C(-u)).
+    description: User IDs or names whose traffic is never captured, the proxy's (C(-u)).
     type: list
     elements: str
     default: ['1337']
@@ -268,6 +268,11 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules 
 )
 
 C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
+INSTALL_HINTS = {
+    "unshare": "install util-linux",
+    "*": "install the iptables package (Debian/Ubuntu: apt-get install iptables; "
+         "RHEL/Fedora: dnf install iptables-nft, or iptables-legacy for the legacy backend)",
+}
 
 
 def _list(default=None):
@@ -380,15 +385,16 @@ def main():
         families = (IPV4,)
         if ruleset[IPV6]:
             module.warn("IPv6 is disabled in this kernel: the IPv6 capture rules are skipped")
-    paths = {}
-    for family in families:
-        for name in binary_names(backend)[family]:
-            paths[name] = module.get_bin_path(name, required=True)
-    paths["unshare"] = module.get_bin_path("unshare", required=True)
-    paths["nft"] = module.get_bin_path("nft")
+    paths = {"nft": module.get_bin_path("nft")}
+    names = [name for family in families for name in binary_names(backend)[family]] + ["unshare"]
+    for name in names:
+        paths[name] = module.get_bin_path(name)
+        if not paths[name]:
+            module.fail_json(msg="%s not found on the target: %s" % (name, INSTALL_HINTS.get(name, INSTALL_HINTS["*"])),
+                             **result)
 
     wanted = Ruleset() if state == "absent" else ruleset
-    engine = Engine(runner, backend, paths, p["state_dir"], families=families)
+    engine = Engine(runner, backend, paths, p["state_dir"], families=families, check_mode=module.check_mode)
     try:
         plans, lives = engine.plan(wanted)
         changed = any(plan.changed for plan in plans.values())

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole test suite (CI runs it through .ci/run). Sets everything up on a
+# fresh machine first, then runs, in order: ansible-test sanity, ansible-lint,
+# every molecule scenario, and pytest (unit + real-kernel integration tests).
+# Every stage runs even when an earlier one failed; the exit status is
+# non-zero when any failed. Arguments go to pytest and skip the other
+# stages, e.g.:  bash scripts/test.sh tests/unit -k golden
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+. scripts/env.sh
+
+failed=()
+stage() {
+    local name="$1"
+    shift
+    printf '\n=== %s\n' "$name"
+    local start=$SECONDS
+    if "$@"; then
+        printf '=== %s: ok (%ss)\n' "$name" "$((SECONDS - start))"
+    else
+        printf '=== %s: FAILED (%ss)\n' "$name" "$((SECONDS - start))"
+        failed+=("$name")
+    fi
+}
+
+sanity() {
+    # ansible-test needs the collection at a real .../ansible_collections/NS/NAME
+    # path: test a copy of the tracked and new files.
+    local root="$REPO/.cache/ansible-test"
+    local tree="$root/ansible_collections/meshcapture/sidecar"
+    rm -rf "$root"
+    mkdir -p "$tree"
+    git ls-files -co --exclude-standard -z | tar -cf - --null -T - | tar -xf - -C "$tree"
+    # ansible-test fetches get-pip.py from a host this machine cannot reach;
+    # give it an offline stand-in (ensurepip, then pip install from PyPI).
+    local getpip="${HOME:-/root}/.ansible/test/cache/get_pip_24_2.py"
+    if [ ! -s "$getpip" ]; then
+        mkdir -p "$(dirname "$getpip")"
+        cp "$REPO/scripts/get_pip_offline.py" "$getpip"
+    fi
+    (cd "$tree" && ansible-test sanity --python "$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
+        --requirements --color no)
+}
+
+if [ "$#" -eq 0 ]; then
+    stage "ansible-test sanity" sanity
+    stage "ansible-lint (production profile)" ansible-lint --offline
+    stage "molecule test --all" molecule test --all
+fi
+stage "pytest" python -m pytest "$@"
+
+printf '\n'
+if [ "${#failed[@]}" -gt 0 ]; then
+    printf 'FAILED stages: %s\n' "${failed[*]}"
+    exit 1
+fi
+printf 'all stages passed\n'

@@ -1,0 +1,63 @@
+"""The rules module with state=rendered, and its argument errors."""
+
+import pytest
+
+from ansible_collections.meshcapture.sidecar.plugins.modules import rules
+from tests.unit.corpus import all_cases
+
+CASES = all_cases()
+
+
+@pytest.mark.parametrize("options, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rendered_returns_istio_commands(run_module, options, expected):
+    result, failed = run_module(rules.main, dict(options, state="rendered"))
+    assert not failed, result.get("msg")
+    assert result["commands"] == expected
+    assert result["changed"] is False
+    assert set(result["restore"]) == {"ipv4", "ipv6"}
+    assert result["backend"] == "iptables-nft"
+
+
+def test_rendered_accepts_cluster_env_strings(run_module):
+    result, failed = run_module(rules.main, dict(
+        state="rendered", inbound_ports_include="*", inbound_ports_exclude="22,15090",
+        outbound_ip_ranges_include="*", outbound_ip_ranges_exclude="169.254.169.254/32"))
+    assert not failed
+    assert "iptables -t nat -A ISTIO_INBOUND -p tcp --dport 22 -j RETURN" in result["commands"]
+    assert "iptables -t nat -A ISTIO_OUTPUT -d 169.254.169.254/32 -j RETURN" in result["commands"]
+    assert result["config"]["inbound_ports_exclude"] == ["22", "15090"]
+
+
+def test_rendered_honours_forced_backend(run_module):
+    result, failed = run_module(rules.main, dict(state="rendered", backend="iptables-legacy"))
+    assert (failed, result["backend"]) == (False, "iptables-legacy")
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(proxy_port=70000), "proxy_port: expected a port number between 1 and 65535 (got 70000)"),
+    (dict(inbound_ports_include=["80\n*filter"]),
+     "inbound_ports_include: expected a port number between 1 and 65535 (got '80\\n*filter')"),
+    (dict(outbound_ip_ranges_exclude=["10.0.0.0/8", "bad"]),
+     "outbound_ip_ranges_exclude: expected a CIDR (address/prefix length) (got 'bad')"),
+    (dict(exclude_interfaces=["eth0 -j DROP"]),
+     "exclude_interfaces: expected an interface name of 1-15 characters from [A-Za-z0-9_.@+-], "
+     "not starting with '-' (got 'eth0 -j DROP')"),
+    (dict(inbound_tproxy_route_table=255), "inbound_tproxy_route_table: is reserved by the kernel (got 255)"),
+    (dict(dns_servers_v4=["2001:db8::53"]), "dns_servers_v4: expected an IPv4 address (got '2001:db8::53')"),
+    (dict(inbound_interception_mode="tproxy"),
+     "value of inbound_interception_mode must be one of: REDIRECT, TPROXY, got: tproxy"),
+    (dict(state="latest"), "value of state must be one of: present, absent, rendered, got: latest"),
+], ids=["port", "newline", "cidr", "interface", "table", "dns-family", "mode-choice", "state-choice"])
+def test_bad_input_fails_with_exact_message(run_module, args, message):
+    result, failed = run_module(rules.main, dict(args, state=args.get("state", "rendered")))
+    assert failed
+    assert result["msg"] == message
+
+
+def test_bad_input_fails_before_touching_anything(run_module, monkeypatch):
+    """state=present with a bad value never reaches a command."""
+    calls = []
+    monkeypatch.setattr(rules.AnsibleModule, "run_command", lambda self, *a, **k: calls.append(a))
+    result, failed = run_module(rules.main, dict(state="present", inbound_ports_include=["0"]))
+    assert failed and calls == []
+    assert result["msg"].startswith("inbound_ports_include:")
