@@ -339,7 +339,11 @@ class Engine(object):
         payload = render_restore(ruleset, family)
         if not payload:
             return {}
-        key = hashlib.sha256(json.dumps([self.backend, family, payload]).encode("utf-8")).hexdigest()
+        # The canonical form depends on the iptables binaries and, for owner
+        # names, on the user and group databases: all part of the key.
+        stamps = [_mtime(p) for p in (self._bin(family, "save"), self._bin(family, "restore"),
+                                      "/etc/passwd", "/etc/group")]
+        key = hashlib.sha256(json.dumps([self.backend, family, payload, stamps]).encode("utf-8")).hexdigest()
         cache = os.path.join(self.state_dir, "canonical", key + ".save")
         try:
             with open(cache) as f:
@@ -467,6 +471,13 @@ def _select_tables(save_text, tables):
         if line == "COMMIT":
             keep = False
     return "\n".join(out) + "\n" if out else ""
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
 
 
 def _netns_id():

@@ -380,11 +380,14 @@ def main():
 
     backend = _detect_backend(module, p["backend"], runner)
     result["backend"] = backend
-    families = FAMILIES
+    families = [IPV4]
+    v6_tools = [module.get_bin_path(name) for name in binary_names(backend)[IPV6]]
     if not os.path.exists("/proc/net/if_inet6"):
-        families = (IPV4,)
         if ruleset[IPV6]:
             module.warn("IPv6 is disabled in this kernel: the IPv6 capture rules are skipped")
+    elif ruleset[IPV6] or all(v6_tools):
+        # Without IPv6 rules wanted, IPv6 is still converged (old rules removed) where ip6tables exists.
+        families.append(IPV6)
     paths = {"nft": module.get_bin_path("nft")}
     names = [name for family in families for name in binary_names(backend)[family]] + ["unshare"]
     for name in names:
