@@ -62,6 +62,7 @@ class Playbook(object):
         self.workdir = workdir
         self.inventory = os.path.join(workdir, "inventory.json")
         persist = os.path.join(workdir, "etc-meshcapture")
+        os.makedirs(os.path.join(workdir, "systemd"))
         with open(os.path.join(workdir, "cluster.env"), "w") as f:
             f.write(CLUSTER_ENV)
         host_vars = {
@@ -107,10 +108,10 @@ def show_diff(output):
 def prove_capture(vm, peer):
     """Real connections; returns [(description, expected, landed, original destination, ok)]."""
     rows = []
-    with netns.tcp_listener(vm, 15001, banner="envoy-outbound:15001"), \
-            netns.tcp_listener(vm, 15006, banner="envoy-inbound:15006"), \
+    with netns.tcp_listener(vm, 15001, banner="envoy-outbound:15001", uid=PROXY_UID, gid=PROXY_UID), \
+            netns.tcp_listener(vm, 15006, banner="envoy-inbound:15006", uid=PROXY_UID, gid=PROXY_UID), \
             netns.tcp_listener(vm, 22, banner="sshd:22"), \
-            netns.udp_dns_listener(vm, 15053, banner="istio-agent-dns:15053"), \
+            netns.udp_dns_listener(vm, 15053, banner="istio-agent-dns:15053", uid=PROXY_UID, gid=PROXY_UID), \
             netns.tcp_listener(peer, 80, banner="service:80"), \
             netns.udp_dns_listener(peer, 53, banner="resolver:53"):
         checks = [

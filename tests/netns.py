@@ -344,24 +344,32 @@ class Listener:
 
 
 def tcp_listener(ns: Netns, port: int, family: int = 4, *, transparent: bool = False, count: int = 1,
-                 banner: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Listener:
+                 banner: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 uid: int | None = None, gid: int | None = None) -> Listener:
     """Start a TCP listener on the wildcard address of ``family`` (4 or 6;
     IPv6 is v6-only) inside ``ns``. It reports per connection the peer, the
     local address and the original destination: ``SO_ORIGINAL_DST`` (None
     when conntrack has no entry), or for a ``transparent`` (TPROXY) listener
-    the local address. ``banner`` defaults to ``TCP<port>``."""
+    the local address. ``banner`` defaults to ``TCP<port>``. With
+    ``uid``/``gid`` it runs as that user, as Envoy runs as the proxy user
+    (a transparent listener binds as root first, for IP_TRANSPARENT)."""
     return Listener(ns, "tcp_listener", {"port": port, "family": family, "transparent": transparent,
-                                         "count": count, "banner": banner or f"TCP{port}", "timeout": timeout})
+                                         "count": count, "banner": banner or f"TCP{port}", "timeout": timeout,
+                                         "uid": uid, "gid": gid})
 
 
 def udp_dns_listener(ns: Netns, port: int = 53, family: int = 4, *, count: int = 1,
-                     banner: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Listener:
+                     banner: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                     uid: int | None = None, gid: int | None = None) -> Listener:
     """Start a UDP listener on the wildcard address inside ``ns`` that answers
     each datagram (from the address it arrived at, so NATed replies are
     un-NATed) with a report: peer, local (post-NAT destination) and the
-    query text. ``banner`` defaults to ``UDP<port>``."""
+    query text. ``banner`` defaults to ``UDP<port>``. With ``uid``/``gid``
+    it runs as that user: Istio's DNS conntrack zones only un-NAT replies
+    sent from port 15053 by a socket of the proxy user (1337)."""
     return Listener(ns, "udp_listener", {"port": port, "family": family, "count": count,
-                                         "banner": banner or f"UDP{port}", "timeout": timeout})
+                                         "banner": banner or f"UDP{port}", "timeout": timeout,
+                                         "uid": uid, "gid": gid})
 
 
 def _client(ns: Netns, kind: str, params: dict, timeout: float) -> dict:
@@ -431,12 +439,15 @@ def _original_dst(conn: socket.socket, family: int) -> str | None:
     return fmt_addr(host, struct.unpack_from("!H", raw, 2)[0])
 
 
-def _probe_tcp_listener(port, family, transparent, count, banner, timeout):
+def _probe_tcp_listener(port, family, transparent, count, banner, timeout, uid=None, gid=None):
     deadline = time.monotonic() + timeout
     options = [(socket.SOL_IP, IP_TRANSPARENT) if family == 4 else (SOL_IPV6, IPV6_TRANSPARENT)] if transparent else []
     connections = []
+    if not transparent:  # -m owner matches the uid a socket was created with
+        _drop_privileges(uid, gid, [])
     with _server_socket(socket.SOCK_STREAM, family, port, options) as server:
         server.listen(64)
+        _drop_privileges(uid, gid, [])  # IP_TRANSPARENT needed CAP_NET_ADMIN until here
         _emit({"ready": True})
         while len(connections) < count and (remaining := deadline - time.monotonic()) > 0:
             server.settimeout(remaining)
@@ -457,10 +468,11 @@ def _probe_tcp_listener(port, family, transparent, count, banner, timeout):
     _emit({"connections": connections, "timed_out": len(connections) < count})
 
 
-def _probe_udp_listener(port, family, count, banner, timeout):
+def _probe_udp_listener(port, family, count, banner, timeout, uid=None, gid=None):
     deadline = time.monotonic() + timeout
     pktinfo = (socket.SOL_IP, IP_PKTINFO) if family == 4 else (SOL_IPV6, socket.IPV6_RECVPKTINFO)
     datagrams = []
+    _drop_privileges(uid, gid, [])  # -m owner matches the uid a socket was created with
     with _server_socket(socket.SOCK_DGRAM, family, port, [pktinfo]) as server:
         _emit({"ready": True})
         while len(datagrams) < count and (remaining := deadline - time.monotonic()) > 0:
@@ -488,7 +500,7 @@ def _probe_udp_listener(port, family, count, banner, timeout):
 
 
 def _drop_privileges(uid, gid, groups) -> None:
-    if uid is None and gid is None:
+    if (uid is None and gid is None) or (os.getuid(), os.getgid()) == (uid, gid):
         return
     os.setgroups(groups or [])
     if gid is not None:
