@@ -17,6 +17,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import difflib
 import hashlib
 import json
 import os
@@ -89,6 +90,8 @@ def count_rules(save_text):
 
 
 # ---------------------------------------------------------------- parsing
+_COUNTERS = re.compile(r"^\[\d+:\d+\] ")
+
 class Table(object):
     """One table of an iptables-save dump: chains in order, with their rules."""
 
@@ -110,7 +113,7 @@ def parse_save(text):
     tables = OrderedDict()
     table = None
     for raw in text.splitlines():
-        line = raw.strip()
+        line = _COUNTERS.sub("", raw.strip())  # iptables-save -c: "[pkts:bytes] -A ..."
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
@@ -137,34 +140,123 @@ def is_capture_chain(chain):
     return chain.startswith("ISTIO_") and chain not in BUILTIN_CHAINS
 
 
-_JUMP_ISTIO = re.compile(r"(?:^| )-j ISTIO_[A-Z0-9_]+(?: |$)")
-_NFLOG_ISTIO = re.compile(
-    r"-j NFLOG --nflog-prefix \"?(?:JumpInbound|JumpOutbound|ExcludeInboundPort|IncludeInboundPort|"
-    r"InboundCapture|KubevirtCommand|ExcludeInterfaceCommand)\"? --nflog-group 1337")
-_DNS_CT = re.compile(r"-p udp -m udp --[ds]port (?:53|15053) .*-j CT --zone [12]$")
-_DNS_NAT = re.compile(r"-p udp -m udp --dport 53 (?:.*-j REDIRECT --to-ports 15053|.*-m owner .*-j RETURN)$")
-_TPROXY_MANGLE = re.compile(
-    r"(?:-p tcp -m mark --mark \S+ -j CONNMARK --save-mark"
-    r"|-p tcp -m connmark --mark \S+ -j CONNMARK --restore-mark"
-    r"|^-o lo -p tcp -m mark --mark \S+ -j RETURN$"
-    r"|-o lo -p tcp -m owner --[ug]id-owner \S+ -j MARK --set-xmark 0x53a/0xffffffff$)")
+# Rules only a capture writes (in iptables-save's canonical form).
+_ISTIO_ONLY = re.compile(
+    r"(?:^| )-j ISTIO_[A-Z0-9_]+(?: |$)"
+    r"|-j NFLOG --nflog-prefix \"?(?:JumpInbound|JumpOutbound|ExcludeInboundPort|IncludeInboundPort|"
+    r"InboundCapture|KubevirtCommand|ExcludeInterfaceCommand)\"? --nflog-group 1337 "
+    r"|^(?:-d \S+ )?-p udp -m udp --dport 53 -j REDIRECT --to-ports 15053$"
+    r"|^-p udp -m udp --sport 15053 -m owner --[ug]id-owner \S+ -j CT --zone 2$"
+    r"|^! -d \S+ -o lo -p tcp -m owner --[ug]id-owner \S+ -j MARK --set-xmark 0x53a/0xffffffff$")
+# Rules of capture shape whose values must match the capture's (Signature).
+_UDP53_OWNER_RETURN = re.compile(r"^-p udp -m udp --dport 53 ((?:-m owner (?:! )?--[ug]id-owner \S+ ?)+)-j RETURN$")
+_UDP53_OWNER_ZONE1 = re.compile(r"^-p udp -m udp --dport 53 (-m owner --[ug]id-owner \S+) -j CT --zone 1$")
+_DNS_ZONE = re.compile(r"^(?:-d (\S+) )?-p udp -m udp --(dport 53 -j CT --zone 2|sport 53 -j CT --zone 1)$")
+_MARK_RULE = re.compile(
+    r"^(?:-p tcp -m mark --mark (\S+) -j CONNMARK --save-mark"
+    r"|-p tcp -m connmark --mark (\S+) -j CONNMARK --restore-mark"
+    r"|-o lo -p tcp -m mark --mark (\S+) -j RETURN$)")
+# Shapes other software could share too: ours only by the state record, or
+# when istio-iptables left a capture behind (ISTIO_* chains, no record).
+_IFACE_RETURN = re.compile(r"^-[io] (\S+) -j RETURN$")
+_INVALID_DROP = "-m conntrack --ctstate INVALID -j DROP"
+# What the ISTIO_* chains tell about the capture's values.
+_OWNER_RETURN = re.compile(r"^((?:-m owner (?:! )?--[ug]id-owner \S+ ?)+)-j RETURN$")
+_TCP_DNS_REDIRECT = re.compile(r"^(?:-d (\S+) )?-p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053$")
+_MARK_VALUE = re.compile(r"(?:--set-xmark|--tproxy-mark|-m mark --mark) (0x[0-9a-f]+)")
+_KUBEVIRT_JUMP = re.compile(r"^(?:-d \S+ )?-i (\S+) (?:-d \S+ )?-j ISTIO_REDIRECT$")
 
 
-def is_capture_rule(table, chain, spec):
-    """Recognise the capture's rules in built-in chains by their shape.
+class Signature(object):
+    """The values of a capture, read from the live ISTIO_* chains: which
+    owner matches, marks, DNS servers and kube-virt interfaces it uses."""
 
-    Shapes that other software could plausibly share (interface RETURN,
-    INVALID DROP) are not recognised here; the state record covers them.
+    def __init__(self, tables):
+        self.owners, self.marks, self.dns, self.kubevirt = set(), set(), set(), set()
+        self.capture_all_dns = False
+        self.present = False
+        for table in tables.values():
+            for chain, specs in table.rules.items():
+                if is_capture_chain(chain):
+                    self._read_chain(specs)
+                elif chain == "PREROUTING" and table.name == "nat":
+                    self.kubevirt.update(m.group(1) for m in map(_KUBEVIRT_JUMP.match, specs) if m)
+            self.present = self.present or any(is_capture_chain(c) for c in table.policies)
+        # istio's excluded interfaces come in pairs: nat PREROUTING -i X and OUTPUT -o X.
+        nat = tables.get("nat") or Table("nat")
+        self.excluded = (self._iface_returns(nat, "PREROUTING") & self._iface_returns(nat, "OUTPUT"))
+
+    @staticmethod
+    def _iface_returns(table, chain):
+        return set(m.group(1) for m in map(_IFACE_RETURN.match, table.rules.get(chain, [])) if m)
+
+    def _read_chain(self, specs):
+        for spec in specs:
+            owner = _OWNER_RETURN.match(spec)
+            if owner:
+                self.owners.add(owner.group(1).strip())
+            dns = _TCP_DNS_REDIRECT.match(spec)
+            if dns:
+                if dns.group(1):
+                    self.dns.add(dns.group(1))
+                else:
+                    self.capture_all_dns = True
+            self.marks.update(_MARK_VALUE.findall(spec))
+
+    def matches(self, table, chain, spec):
+        """True when a built-in chain rule has a capture shape with this capture's values."""
+        if table == "nat" and chain == "OUTPUT":
+            m = _UDP53_OWNER_RETURN.match(spec)
+            return bool(m) and m.group(1).strip() in self.owners
+        if table == "nat" and chain == "PREROUTING":
+            m = _IFACE_RETURN.match(spec)
+            return bool(m) and m.group(1) in self.kubevirt
+        if table == "raw":
+            m = _UDP53_OWNER_ZONE1.match(spec)
+            if m and chain == "OUTPUT":
+                return m.group(1) in self.owners
+            m = _DNS_ZONE.match(spec)
+            if m and (chain == "OUTPUT") == m.group(2).startswith("dport"):
+                return m.group(1) in self.dns if m.group(1) else self.capture_all_dns
+            return False
+        if table == "mangle":
+            m = _MARK_RULE.match(spec)
+            return bool(m) and next(v for v in m.groups() if v) in self.marks
+        return False
+
+    def left_by_istio(self, table, chain, spec):
+        """Shapes other software could share, taken only for a capture that
+        istio-iptables left: interface RETURNs of istio's excluded-interface
+        pairs, and the INVALID DROP."""
+        if table not in ("nat", "mangle") or chain not in ("PREROUTING", "OUTPUT"):
+            return False
+        m = _IFACE_RETURN.match(spec)
+        if m:
+            return spec.startswith("-i " if chain == "PREROUTING" else "-o ") and m.group(1) in self.excluded
+        return table == "mangle" and chain == "PREROUTING" and spec == _INVALID_DROP
+
+
+def owned_builtin(table, chain, specs, signature, recorded, trust_generic):
+    """[(index, spec)] (1-based) of the capture's rules in a built-in chain.
+
+    A rule is ours when only a capture writes it; when it has a capture
+    shape with the values of the capture found in the ISTIO_* chains;
+    when the state record lists it (the latest copies of a spec are taken,
+    ours having been added last); or, for shapes other software could
+    share, when trust_generic (istio-iptables left a capture, no record).
     """
-    if _JUMP_ISTIO.search(spec) or _NFLOG_ISTIO.search(spec):
-        return True
-    if table == "raw":
-        return bool(_DNS_CT.search(spec))
-    if table == "nat" and chain == "OUTPUT":
-        return bool(_DNS_NAT.search(spec))
-    if table == "mangle":
-        return bool(_TPROXY_MANGLE.search(spec))
-    return False
+    owned = set()
+    for index, spec in enumerate(specs, 1):
+        if (_ISTIO_ONLY.search(spec) or signature.matches(table, chain, spec)
+                or (trust_generic and signature.left_by_istio(table, chain, spec))):
+            owned.add(index)
+    spare = Counter(recorded)
+    for index in range(len(specs), 0, -1):
+        spec = specs[index - 1]
+        if index not in owned and spare[spec] > 0:
+            spare[spec] -= 1
+            owned.add(index)
+    return [(i, specs[i - 1]) for i in sorted(owned)]
 
 
 class FamilyPlan(object):
@@ -175,6 +267,7 @@ class FamilyPlan(object):
         self.before = OrderedDict()  # table -> OrderedDict(chain -> [spec])
         self.after = OrderedDict()
         self.payload = ""
+        self.tables = []  # tables the payload changes
         self.added = []
         self.removed = []
         self.builtin_after = {}  # table -> {chain: [spec]} owned built-in rules after
@@ -184,33 +277,48 @@ class FamilyPlan(object):
         return bool(self.payload)
 
 
-def _owned_builtin(table, chain, specs, recorded, wanted):
-    """[(index, spec)] of the capture's rules in a built-in chain.
-
-    A rule is ours when its shape says so, when the state record lists it,
-    or when it equals a wanted rule not otherwise accounted for (so a rule
-    we want is never added twice).
-    """
-    spare_recorded = Counter(recorded)
-    owned = set()
-    for index, spec in enumerate(specs, 1):
-        if is_capture_rule(table, chain, spec):
-            owned.add(index)
-        elif spare_recorded[spec] > 0:
-            spare_recorded[spec] -= 1
-            owned.add(index)
-    spare_wanted = Counter(wanted) - Counter(specs[i - 1] for i in owned)
-    for index, spec in enumerate(specs, 1):
-        if index not in owned and spare_wanted[spec] > 0:
-            spare_wanted[spec] -= 1
-            owned.add(index)
-    return [(i, specs[i - 1]) for i in sorted(owned)]
-
-
 def _verb_line(rule):
     if rule.is_insert:
         return " ".join(("-I", rule.chain, str(rule.position)) + rule.params)
     return " ".join(("-A", rule.chain) + rule.params)
+
+
+def _edit_builtin(chain, live_specs, owned, wanted, rules):
+    """Payload lines turning our rules of a built-in chain into `wanted`.
+
+    Returns (deletes, inserts).  Rules that stay keep their place; new ones
+    go next to the kept rule before (or after) them, so other software's
+    rules keep their positions relative to ours.  With nothing kept, the
+    generator's own appends/inserts are replayed, as on a fresh host.
+    """
+    have = [spec for dummy, spec in owned]
+    matcher = difflib.SequenceMatcher(None, have, wanted, autojunk=False)
+    kept = {}  # wanted index -> live index
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            kept[block.b + k] = owned[block.a + k][0]
+    dropped = sorted((i for i, dummy in owned if i not in kept.values()), reverse=True)
+    deletes = ["-D %s %d" % (chain, i) for i in dropped]
+    if not kept:
+        return deletes, [_verb_line(r) for r in rules]
+    # Simulate the chain: live rules minus the dropped ones, then insert.
+    model = [i for i in range(1, len(live_specs) + 1) if i not in set(dropped)]
+    inserts, cursor = [], None
+    first_kept = model.index(min(kept.values()))
+    for j, spec in enumerate(wanted):
+        if j in kept:
+            cursor = model.index(kept[j])
+            continue
+        position = first_kept if cursor is None else cursor + 1
+        model.insert(position, None)
+        if cursor is None:
+            first_kept += 1
+        cursor = position
+        if position == len(model) - 1:
+            inserts.append("-A %s %s" % (chain, spec))
+        else:
+            inserts.append("-I %s %d %s" % (chain, position + 1, spec))
+    return deletes, inserts
 
 
 def plan_family(family, live, wanted, ruleset, recorded):
@@ -219,31 +327,37 @@ def plan_family(family, live, wanted, ruleset, recorded):
     live/wanted: {table: Table}; wanted comes from the canonicalised
     ruleset (empty for state=absent).  ruleset supplies the append/insert
     operations to replay.  recorded: {table: {chain: [spec]}} from the
-    state record.  Returns a FamilyPlan.
+    state record, or None when there is none.  Returns a FamilyPlan.
     """
     plan = FamilyPlan(family)
+    signature = Signature(live)
+    trust_generic = signature.present and recorded is None
+    recorded = recorded or {}
     blocks = []
     for table in TABLES:
         live_t = live.get(table) or Table(table)
         want_t = wanted.get(table) or Table(table)
         rec_t = recorded.get(table, {})
         before, after = OrderedDict(), OrderedDict()
-        deletes, rewrite = [], set()
+        deletes, inserts = [], []
 
         builtins = [c for c in live_t.policies if c in BUILTIN_CHAINS]
         builtins += [c for c in want_t.policies if c in BUILTIN_CHAINS and c not in builtins]
         owned_after = {}
         for chain in builtins:
+            live_specs = live_t.rules.get(chain, [])
             want_specs = want_t.rules.get(chain, [])
-            owned = _owned_builtin(table, chain, live_t.rules.get(chain, []), rec_t.get(chain, []), want_specs)
+            owned = owned_builtin(table, chain, live_specs, signature, rec_t.get(chain, []), trust_generic)
             if owned:
                 before[chain] = [spec for dummy, spec in owned]
             if want_specs:
                 after[chain] = list(want_specs)
                 owned_after[chain] = list(want_specs)
             if [spec for dummy, spec in owned] != want_specs:
-                rewrite.add(chain)
-                deletes.extend("-D %s %d" % (chain, index) for index, dummy in reversed(owned))
+                rules = [r for r in ruleset[family] if r.table == table and r.chain == chain]
+                chain_deletes, chain_inserts = _edit_builtin(chain, live_specs, owned, want_specs, rules)
+                deletes += chain_deletes
+                inserts += chain_inserts
 
         live_user = [c for c in live_t.user_chains() if is_capture_chain(c)]
         want_user = want_t.user_chains()
@@ -253,7 +367,6 @@ def plan_family(family, live, wanted, ruleset, recorded):
             after[chain] = list(want_t.rules.get(chain, []))
         declare = [c for c in want_user if c not in live_user or live_t.rules.get(c) != want_t.rules.get(c)]
         drop = [c for c in live_user if c not in want_user]
-        rewrite.update(declare)
 
         for chain in set(before) | set(after):
             old, new = Counter(before.get(chain, [])), Counter(after.get(chain, []))
@@ -265,15 +378,17 @@ def plan_family(family, live, wanted, ruleset, recorded):
             plan.after[table] = after
         plan.builtin_after[table] = owned_after
 
-        if not (rewrite or drop):
+        if not (deletes or inserts or declare or drop):
             continue
         lines = ["*%s" % table]
         lines.extend(":%s - [0:0]" % c for c in declare + drop)
         lines.extend(deletes)
         lines.extend("-X %s" % c for c in drop)
-        lines.extend(_verb_line(r) for r in ruleset[family] if r.table == table and r.chain in rewrite)
+        lines.extend(inserts)
+        lines.extend(_verb_line(r) for r in ruleset[family] if r.table == table and r.chain in declare)
         lines.append("COMMIT")
         blocks.append("\n".join(lines))
+        plan.tables.append(table)
     plan.payload = "\n".join(blocks) + "\n" if blocks else ""
     return plan
 
@@ -324,13 +439,14 @@ class Engine(object):
     def _bin(self, family, which):
         return self.paths[self.names[family][0 if which == "save" else 1]]
 
-    def save(self, family):
-        return self._exec([self._bin(family, "save")], what="%s: %s" % (family, self.names[family][0]))
+    def save(self, family, counters=False):
+        argv = [self._bin(family, "save")] + (["-c"] if counters else [])
+        return self._exec(argv, what="%s: %s" % (family, self.names[family][0]))
 
-    def restore(self, family, payload, noflush=True):
+    def restore(self, family, payload, noflush=True, counters=False):
         argv = [self._bin(family, "restore"), "-w", "5"]
-        if noflush:
-            argv.append("--noflush")
+        argv += ["--noflush"] if noflush else []
+        argv += ["--counters"] if counters else []
         return self._exec(argv, data=payload, what="%s: %s" % (family, self.names[family][1]))
 
     # -- canonical form ----------------------------------------------------
@@ -385,32 +501,36 @@ class Engine(object):
             lives[family] = self.save(family)
             live = parse_save(lives[family])
             wanted = self.canonical(family, ruleset)
-            recorded = record.get("families", {}).get(family, {}).get("builtin", {})
+            family_record = record.get("families", {}).get(family)
+            recorded = None if family_record is None else family_record.get("builtin", {})
             plans[family] = plan_family(family, live, wanted, ruleset, recorded)
         return plans, lives
 
     def apply(self, plans, lives):
-        """Apply the planned payloads, IPv4 first; roll IPv4 back if IPv6 fails.
+        """Apply the planned payloads, IPv4 first.
 
-        Afterwards, tables the capture created and no longer uses are
-        removed (nft backend), and the state record is updated (or
+        iptables-restore commits table by table, so when a restore fails,
+        every table changed so far (of this family and of those applied
+        before it) is put back from a snapshot taken just before, counters
+        included.  Afterwards, tables the capture created and no longer
+        uses are removed (nft backend), and the state record is updated (or
         removed when nothing is left).  Returns the changed families.
         """
         record = self.load_record() or {"version": STATE_VERSION, "backend": self.backend, "families": {}}
-        done = []
+        done = []  # (family, snapshot, tables)
         for family, plan in plans.items():
             rec = record["families"].setdefault(family, {"builtin": {}, "created_tables": []})
             existing = parse_save(lives[family])
             rec["created_tables"] += [t for t in plan.after if t not in existing and t not in rec["created_tables"]]
             if plan.changed:
+                step = (family, self.save(family, counters=True), plan.tables)
                 try:
                     self.restore(family, plan.payload)
                 except ApplyError as err:
-                    self._rollback(done, lives)
-                    if done:
-                        err.msg += "; %s changes were rolled back" % ", ".join(done)
+                    self._rollback(done + [step])
+                    err.msg += "; rolled back: %s" % ", ".join(f for f, dummy, dummy2 in done + [step])
                     raise
-                done.append(family)
+                done.append(step)
             rec["builtin"] = dict((t, c) for t, c in plan.builtin_after.items() if c)
         for family, plan in plans.items():
             rec = record["families"][family]
@@ -421,19 +541,21 @@ class Engine(object):
             _write_atomic(self._record_path(), json.dumps(record, indent=1, sort_keys=True))
         else:
             self._remove_record()
-        return done
+        return [family for family, dummy, dummy2 in done]
 
-    def _rollback(self, done, lives):
-        """Put the tables of already changed families back as they were.
+    def _rollback(self, steps):
+        """Put the given tables back as their snapshots show them.
 
-        A flushing restore of the saved tables restores them byte for
-        byte; tables that did not exist before are emptied.
+        A flushing restore of a table from its iptables-save restores it
+        byte for byte (with --counters, counters too); a table that did not
+        exist before is emptied and, when the capture created it, deleted.
         """
-        for family in done:
-            present = parse_save(lives[family])
-            payload = _select_tables(lives[family], TABLES)
-            payload += "".join("*%s\nCOMMIT\n" % t for t in TABLES if t not in present)
-            self.restore(family, payload, noflush=False)
+        for family, snapshot, tables in reversed(steps):
+            present = parse_save(snapshot)
+            payload = _select_tables(snapshot, [t for t in tables if t in present])
+            payload += "".join("*%s\nCOMMIT\n" % t for t in tables if t not in present)
+            self.restore(family, payload, noflush=False, counters=True)
+            self._drop_created_tables(family, [t for t in tables if t not in present])
 
     def _drop_created_tables(self, family, tables):
         """Remove now-empty tables that the capture created (nft backend only)."""

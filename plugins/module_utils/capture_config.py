@@ -337,6 +337,19 @@ class CaptureConfig(object):
         cfg.dns_servers_v6 = check_dns_servers("dns_servers_v6", v6, 6)
         return cfg
 
+    def check_owner_names(self, user_exists, group_exists):
+        """Owner names must exist where the rules are applied: iptables
+        resolves them when a rule is added.  The callables answer whether a
+        user / group name exists on the target."""
+        options = (("proxy_uid", self.proxy_uid, "user", user_exists),
+                   ("proxy_gid", self.proxy_gid, "group", group_exists),
+                   ("owner_groups_include", self.owner_groups_include, "group", group_exists),
+                   ("owner_groups_exclude", self.owner_groups_exclude, "group", group_exists))
+        for option, names, kind, exists in options:
+            for name in names:
+                if name != "*" and not _DIGITS_RE.match(name) and not exists(name):
+                    raise ConfigError(option, name, "no such %s on the target" % kind)
+
     def to_dict(self):
         """The effective options, in a JSON-friendly form."""
         out = {}

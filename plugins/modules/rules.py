@@ -239,7 +239,9 @@ summary:
   sample: {added: 16, removed: 0}
 """
 
+import grp
 import os
+import pwd
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -314,6 +316,16 @@ ARGUMENT_SPEC = dict(
 )
 
 
+def _exists(lookup):
+    def exists(name):
+        try:
+            lookup(name)
+        except KeyError:
+            return False
+        return True
+    return exists
+
+
 def _read_text(path):
     try:
         with open(path) as f:
@@ -377,6 +389,12 @@ def main():
     if state == "rendered":
         result["backend"] = p["backend"] if p["backend"] != "auto" else "iptables-nft"
         module.exit_json(**result)
+
+    if state == "present":
+        try:
+            cfg.check_owner_names(_exists(pwd.getpwnam), _exists(grp.getgrnam))
+        except CaptureError as err:
+            module.fail_json(msg=str(err), **result)
 
     backend = _detect_backend(module, p["backend"], runner)
     result["backend"] = backend

@@ -124,3 +124,21 @@ def test_parse_resolv_conf_splits_families():
 def test_owner_group_warnings():
     cfg = CaptureConfig.from_params({"owner_groups_include": ["java"], "owner_groups_exclude": ["ftp"]})
     assert cfg.warnings == ["owner_groups_exclude is ignored because owner_groups_include is not '*'"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("proxy_uid", ["nobody-here"], "proxy_uid: no such user on the target (got 'nobody-here')"),
+    ("proxy_gid", ["nogroup-here"], "proxy_gid: no such group on the target (got 'nogroup-here')"),
+    ("owner_groups_include", ["java"], "owner_groups_include: no such group on the target (got 'java')"),
+    ("owner_groups_exclude", ["ftp"], "owner_groups_exclude: no such group on the target (got 'ftp')"),
+], ids=["user", "gid", "include", "exclude"])
+def test_owner_names_must_exist_on_target(option, value, message):
+    cfg = CaptureConfig.from_params({option: value})
+    with pytest.raises(ConfigError) as err:
+        cfg.check_owner_names(lambda name: False, lambda name: False)
+    assert str(err.value) == message
+
+
+def test_numeric_owners_need_no_lookup():
+    cfg = CaptureConfig.from_params({"proxy_uid": ["1337"], "owner_groups_exclude": ["888"]})
+    cfg.check_owner_names(lambda name: False, lambda name: False)

@@ -1,0 +1,256 @@
+"""Helpers for the real-kernel tests of meshcapture.sidecar.rules.
+
+Standard library only; import it like tests/netns.py (tests/ is on
+sys.path).  Everything here runs inside namespaces the tests created: the
+module always gets a ``state_dir`` under the test's tmp_path, never the
+default /run/meshcapture.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import selectors
+import shlex
+import subprocess
+import time
+
+from module_runner import run_module
+
+FAMILIES = ("ipv4", "ipv6")
+SAVE = {
+    "iptables-nft": {"ipv4": "iptables-nft-save", "ipv6": "ip6tables-nft-save"},
+    "iptables-legacy": {"ipv4": "iptables-legacy-save", "ipv6": "ip6tables-legacy-save"},
+}
+RESTORE = {
+    "iptables-nft": {"ipv4": "iptables-nft-restore", "ipv6": "ip6tables-nft-restore"},
+    "iptables-legacy": {"ipv4": "iptables-legacy-restore", "ipv6": "ip6tables-legacy-restore"},
+}
+COMMAND = {
+    "iptables-nft": {"iptables": "iptables-nft", "ip6tables": "ip6tables-nft"},
+    "iptables-legacy": {"iptables": "iptables-legacy", "ip6tables": "ip6tables-legacy"},
+}
+
+_CHAIN_COUNTERS = re.compile(r"^(:\S+ \S+) \[\d+:\d+\]$")
+
+# Configurations shared by the test files (options of the rules module).
+CONFIGS = {
+    # A VM onboarded with istioctl: everything captured, a few excludes.
+    "vm-redirect": dict(
+        inbound_ports_include=["*"], inbound_ports_exclude=["22", "15090", "15021", "15020"],
+        outbound_ip_ranges_include=["*"], outbound_ip_ranges_exclude=["169.254.169.254/32"],
+        outbound_ports_exclude=["25"]),
+    "tproxy": dict(
+        inbound_interception_mode="TPROXY", inbound_ports_include=["*"], inbound_ports_exclude=["22"],
+        outbound_ip_ranges_include=["10.0.0.0/8", "fd00::/8"], outbound_ip_ranges_exclude=["10.96.0.0/12"],
+        enable_inbound_ipv6=True),
+    "dual-dns": dict(
+        inbound_ports_include=["8080", "9090"], outbound_ip_ranges_include=["*"],
+        outbound_ip_ranges_exclude=["2001:db8:fffe::/48"], redirect_dns=True,
+        dns_servers_v4=["192.0.2.53"], dns_servers_v6=["2001:db8::53"], enable_inbound_ipv6=True),
+    "trace": dict(
+        inbound_ports_include=["8080"], outbound_ports_include=["32000"],
+        outbound_ip_ranges_include=["10.0.0.0/8"], trace_logging=True, redirect_dns=True,
+        capture_all_dns=True),
+    "kubevirt": dict(
+        kube_virt_interfaces=["eth1", "eth2"], exclude_interfaces=["eth9"], drop_invalid=True,
+        outbound_ip_ranges_include=["10.0.0.0/8", "2001:db8:ffff::/48"], inbound_ports_include=["8080"],
+        enable_inbound_ipv6=True),
+    "groups": dict(
+        owner_groups_include=["1000", "202"], proxy_uid=["1337", "1338"], proxy_gid=["1337"],
+        outbound_ports_include=["32000", "31000"], inbound_ports_include=["*"],
+        inbound_interception_mode="TPROXY", exclude_interfaces=["eth9"], proxy_port=15011),
+}
+
+
+def state_dir(tmp_path) -> str:
+    return str(tmp_path / "meshcapture-state")
+
+
+def apply(ns, tmp_path, *, check=False, diff=False, **opts) -> dict:
+    """Run the rules module inside ``ns`` (state_dir under tmp_path); returns its result."""
+    args = dict(opts)
+    args.setdefault("state_dir", state_dir(tmp_path))
+    return run_module("rules", args, netns=ns, check=check, diff=diff)
+
+
+def ok(result) -> dict:
+    """The result, asserted not failed (the message shown otherwise)."""
+    assert not result.get("failed"), "module failed: %s\nstderr: %s" % (result.get("msg"), result.get("stderr"))
+    return result
+
+
+def save(ns, family, *, backend="iptables-nft", counters=False) -> str:
+    """iptables-save of a family inside ``ns``: comment lines removed; without
+    ``counters`` chain counters are zeroed and rule counters not asked for."""
+    argv = [SAVE[backend][family]] + (["-c"] if counters else [])
+    out = ns.run(argv).stdout
+    lines = []
+    for line in out.splitlines():
+        if line.startswith("#"):
+            continue
+        if not counters:
+            line = _CHAIN_COUNTERS.sub(r"\1 [0:0]", line)
+        lines.append(line)
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def saves(ns, *, backend="iptables-nft", counters=False) -> dict:
+    return {family: save(ns, family, backend=backend, counters=counters) for family in FAMILIES}
+
+
+def assert_same(actual, expected, what="iptables-save"):
+    """assert actual == expected (a save, or {family: save}), showing a
+    unified diff (- expected, + actual) when they differ."""
+    if actual == expected:
+        return
+    if isinstance(expected, dict):
+        parts = ["%s:\n%s" % (key, _udiff(expected.get(key, ""), actual.get(key, "")))
+                 for key in sorted(set(expected) | set(actual)) if expected.get(key) != actual.get(key)]
+    else:
+        parts = [_udiff(expected, actual)]
+    raise AssertionError("%s differs (- expected, + actual):\n%s" % (what, "\n".join(parts)))
+
+
+def _udiff(expected, actual):
+    return "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "expected", "actual"))
+
+
+def restore(ns, family, payload, *, backend="iptables-nft", noflush=True):
+    argv = [RESTORE[backend][family], "-w", "5"] + (["--noflush"] if noflush else [])
+    return ns.run(argv, input=payload)
+
+
+def run_commands(ns, commands, *, backend="iptables-nft"):
+    """Run istio-iptables style commands ('iptables -t nat -A ...') one by one."""
+    for command in commands:
+        argv = shlex.split(command)
+        argv[0] = COMMAND[backend][argv[0]]
+        ns.run(argv)
+
+
+# Rules of other software, in every table and several chains of both
+# families, placed before the capture.  Some have shapes close to the
+# capture's own rules (RETURN on an interface, REDIRECT of port 53 by
+# someone else) but differ in a selector.
+FOREIGN_V4 = """\
+*raw
+-A PREROUTING -s 203.0.113.1/32 -j NOTRACK
+-A OUTPUT -d 203.0.113.2/32 -p udp -m udp --dport 123 -j NOTRACK
+COMMIT
+*mangle
+-A PREROUTING -i eth0 -p tcp -m tcp --dport 2222 -j MARK --set-xmark 0x7/0xffffffff
+-A OUTPUT -p tcp -m tcp --dport 2222 -j MARK --set-xmark 0x7/0xffffffff
+COMMIT
+*nat
+:FOREIGN - [0:0]
+-A PREROUTING -d 203.0.113.10/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.0.2.99:8080
+-A PREROUTING -i eth7 -j RETURN
+-A OUTPUT -d 203.0.113.11/32 -j FOREIGN
+-A OUTPUT -d 203.0.113.53/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 5353
+-A POSTROUTING -s 10.244.0.0/16 -o eth0 -j MASQUERADE
+-A FOREIGN -p tcp -j REDIRECT --to-ports 3128
+COMMIT
+*filter
+:FOREIGN_FW - [0:0]
+-A INPUT -s 203.0.113.9/32 -j ACCEPT
+-A INPUT -j FOREIGN_FW
+-A OUTPUT -d 203.0.113.9/32 -j DROP
+-A FOREIGN_FW -p tcp -m tcp --dport 22 -j ACCEPT
+COMMIT
+"""
+
+FOREIGN_V6 = """\
+*raw
+-A PREROUTING -s 2001:db8:9::1/128 -j NOTRACK
+-A OUTPUT -d 2001:db8:9::2/128 -p udp -m udp --dport 123 -j NOTRACK
+COMMIT
+*mangle
+-A PREROUTING -i eth0 -p tcp -m tcp --dport 2222 -j MARK --set-xmark 0x7/0xffffffff
+-A OUTPUT -p tcp -m tcp --dport 2222 -j MARK --set-xmark 0x7/0xffffffff
+COMMIT
+*nat
+:FOREIGN6 - [0:0]
+-A PREROUTING -d 2001:db8:9::10/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [2001:db8::99]:8080
+-A OUTPUT -d 2001:db8:9::11/128 -j FOREIGN6
+-A POSTROUTING -s fd00:244::/64 -o eth0 -j MASQUERADE
+-A FOREIGN6 -p tcp -j REDIRECT --to-ports 3128
+COMMIT
+*filter
+-A INPUT -s 2001:db8:9::9/128 -j ACCEPT
+-A OUTPUT -d 2001:db8:9::9/128 -j DROP
+COMMIT
+"""
+
+FOREIGN = {"ipv4": FOREIGN_V4, "ipv6": FOREIGN_V6}
+
+
+def add_foreign(ns, *, backend="iptables-nft"):
+    for family in FAMILIES:
+        restore(ns, family, FOREIGN[family], backend=backend)
+
+
+def owned_lines(save_text):
+    """{(table, '-A CHAIN spec')} of the capture's rules in a save: rules of
+    ISTIO_* chains and rules that jump to them, plus their chain lines."""
+    out, table = set(), None
+    for line in save_text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":ISTIO_"):
+            out.add((table, line.split()[0]))
+        elif line.startswith("-A "):
+            out.add((table, line))
+    return out
+
+
+# The generation line of each marker transaction (the module's own nft
+# commands come with events of their own, which are kept).
+_OWN_GENERATION = re.compile(r"^# new generation \d+ by process \d+ \(nft\)$")
+
+
+class NftMonitor:
+    """``nft monitor`` inside a namespace.
+
+    ``mark()`` adds and deletes a marker table and returns every event seen
+    since the previous mark, marker events excluded: the events between two
+    marks are all the ruleset changes made in that window.
+    """
+
+    def __init__(self, ns):
+        self.ns = ns
+        self.proc = ns.popen(["nft", "monitor"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self.buffer = b""
+        self.serial = 0
+        for _attempt in range(100):  # until the monitor is subscribed
+            if self.mark(timeout=0.1) is not None:
+                return
+        self.close()
+        raise TimeoutError("nft monitor saw no marker")
+
+    def mark(self, timeout=5.0):
+        self.serial += 1
+        name = "mcs_marker_%d" % self.serial
+        self.ns.run(["nft", "add table inet %s" % name])
+        self.ns.run(["nft", "delete table inet %s" % name])
+        events, deadline = [], time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buffer:
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                line = line.decode().strip()
+                if line.startswith("delete table inet %s" % name):
+                    return [e for e in events if e and "mcs_marker_" not in e and not _OWN_GENERATION.match(e)]
+                events.append(line)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.selector.select(remaining):
+                return None
+            self.buffer += os.read(self.proc.stdout.fileno(), 65536)
+
+    def close(self):
+        self.selector.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
