@@ -124,14 +124,21 @@ def check_port(option, value):
     return str(int(text))
 
 
+def _is_wildcard(option, items, wildcard):
+    """True for ["*"] where a wildcard is allowed; '*' anywhere else is an error."""
+    if "*" not in items:
+        return False
+    if not wildcard:
+        raise ConfigError(option, "*", "'*' is not allowed here")
+    if len(items) != 1:
+        raise ConfigError(option, items, "'*' must be the only item")
+    return True
+
+
 def check_ports(option, values, wildcard=False):
     """A list of ports; with wildcard, ["*"] alone means every port."""
     ports = as_list(option, values)
-    if "*" in ports:
-        if not wildcard:
-            raise ConfigError(option, "*", "'*' is not allowed here")
-        if len(ports) != 1:
-            raise ConfigError(option, ports, "'*' must be the only item")
+    if _is_wildcard(option, ports, wildcard):
         return ["*"]
     return [check_port(option, p) for p in ports]
 
@@ -149,11 +156,7 @@ def check_owner(option, value):
 
 def check_owners(option, values, wildcard=False):
     owners = as_list(option, values)
-    if "*" in owners:
-        if not wildcard:
-            raise ConfigError(option, "*", "'*' is not allowed here")
-        if len(owners) != 1:
-            raise ConfigError(option, owners, "'*' must be the only item")
+    if _is_wildcard(option, owners, wildcard):
         return ["*"]
     return [check_owner(option, o) for o in owners]
 
@@ -222,11 +225,7 @@ def check_cidr(option, value):
 
 def check_cidrs(option, values, wildcard=False):
     items = as_list(option, values)
-    if "*" in items:
-        if not wildcard:
-            raise ConfigError(option, "*", "'*' is not allowed here")
-        if len(items) != 1:
-            raise ConfigError(option, items, "'*' must be the only item")
+    if _is_wildcard(option, items, wildcard):
         return "*"
     return [check_cidr(option, item) for item in items]
 
