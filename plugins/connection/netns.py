@@ -63,6 +63,7 @@ EXAMPLES = r"""
   tasks:
     - name: Runs inside the namespace, like every other task
       ansible.builtin.raw: ip -brief address
+      changed_when: false
 """
 
 import os

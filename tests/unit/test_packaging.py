@@ -1,0 +1,37 @@
+"""The collection builds, and every plugin's documentation renders."""
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PLUGINS = [("module", "meshcapture.sidecar.rules"), ("module", "meshcapture.sidecar.routes"),
+           ("module", "meshcapture.sidecar.probe"), ("connection", "meshcapture.sidecar.netns"),
+           ("filter", "meshcapture.sidecar.cluster_env")]
+
+pytestmark = pytest.mark.skipif(not shutil.which("ansible-galaxy"), reason="ansible-core not on PATH")
+
+
+def test_collection_builds(tmp_path):
+    subprocess.run(["ansible-galaxy", "collection", "build", "--output-path", str(tmp_path), REPO],
+                   check=True, capture_output=True)
+    with tarfile.open(str(tmp_path / "meshcapture-sidecar-0.1.0.tar.gz")) as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile("MANIFEST.json"))
+    assert manifest["collection_info"]["license"] == ["Apache-2.0"]
+    for path in ("plugins/modules/rules.py", "plugins/modules/routes.py", "roles/capture/tasks/main.yml",
+                 "plugins/connection/netns.py", "meta/runtime.yml"):
+        assert path in names
+    assert not any(name.startswith((".cache", ".venv")) for name in names)
+
+
+@pytest.mark.parametrize("kind, name", PLUGINS, ids=[name for kind, name in PLUGINS])
+def test_ansible_doc_renders(kind, name):
+    proc = subprocess.run(["ansible-doc", "-t", kind, "--json", name], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)[name]["doc"]
+    assert doc.get("short_description")
