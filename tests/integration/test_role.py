@@ -1,0 +1,189 @@
+"""The capture role's edge cases, each on a throwaway namespace host: the
+connection guard refusing an explicit port, validation failing and rolling
+back, a mode switch cleaning up the old routing, capture_persist: false and an
+uninstall without the original variables. (The main paths run as molecule
+scenarios, see molecule/.) Also the cluster_env filter's parsing.
+
+Everything the role writes goes below pytest's tmp_path.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import netns
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = REPO / ".venv" / "bin" / "python"
+COLLECTIONS = REPO / ".cache" / "collections"
+
+PLAYBOOK = """
+- name: Apply the capture role
+  hosts: all
+  gather_facts: false
+  roles:
+    - role: meshcapture.sidecar.capture
+"""
+
+
+def cluster_env_filter():
+    sys.path.insert(0, str(COLLECTIONS))
+    try:
+        from ansible_collections.meshcapture.sidecar.plugins.filter.cluster_env import cluster_env
+    except ImportError:
+        pytest.skip("run scripts/setup.sh first")
+    return cluster_env
+
+
+def run_role(ns, tmp_path, **capture_vars):
+    """Run the role on namespace ns with the given variables; writes below tmp_path."""
+    if not (COLLECTIONS / "ansible_collections/meshcapture/sidecar").exists() or not PYTHON.exists():
+        pytest.skip("run scripts/setup.sh first")
+    root = tmp_path / "host"
+    (root / "systemd").mkdir(parents=True, exist_ok=True)
+    hostvars = {
+        "ansible_connection": "meshcapture.sidecar.netns",
+        "ansible_host": ns.name,
+        "ansible_python_interpreter": str(PYTHON),
+        "capture_install_dependencies": False,
+        "capture_persist_dir": str(root / "persist"),
+        "capture_systemd_unit_dir": str(root / "systemd"),
+        "capture_systemd_enable": False,
+        "capture_state_dir": str(root / "state"),
+        "capture_istio_sidecar_env_path": str(root / "sidecar.env"),
+        **capture_vars,
+    }
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"all": {"hosts": {"host": hostvars}}}))
+    playbook = tmp_path / "site.yml"
+    playbook.write_text(PLAYBOOK)
+    return subprocess.run(
+        ["bash", "-c", '. "$0/scripts/env.sh" && exec "$@"', str(REPO),
+         "ansible-playbook", "-i", str(inventory), str(playbook)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+
+
+def save(ns):
+    return ns.run(["iptables-nft-save"]).stdout + ns.run(["ip6tables-nft-save"]).stdout
+
+
+def rules(ns, family=4):
+    return ns.run(["ip", f"-{family}", "rule", "show"]).stdout
+
+
+def test_cluster_env_filter_parses_what_istioctl_writes():
+    cluster_env = cluster_env_filter()
+    text = """# generated
+CANONICAL_REVISION='latest'
+ISTIO_INBOUND_PORTS='*'
+ISTIO_LOCAL_EXCLUDE_PORTS='15090,15021,15020'
+ISTIO_METAJSON_LABELS='{"app":"vm-app"}'
+ISTIO_META_DNS_CAPTURE='true'
+ISTIO_META_MESH_ID=''
+export ENVOY_PORT=15001  # the proxy
+ISTIO_SERVICE_CIDR="*"
+ISTIO_SERVICE_CIDR="10.96.0.0/12"
+ISTIO_EXCLUDE_INTERFACES="eth\\"1"
+INVALID_DROP=true
+"""
+    assert cluster_env(text) == {
+        "inbound_ports_include": "*",
+        "inbound_ports_exclude": "15090,15021,15020",
+        "redirect_dns": "true",
+        "proxy_port": "15001",
+        "outbound_ip_ranges_include": "10.96.0.0/12",  # the last assignment wins
+        "exclude_interfaces": 'eth"1',
+        "drop_invalid": "true",
+    }
+    assert cluster_env(text, raw=True)["ISTIO_META_MESH_ID"] == ""
+
+
+@pytest.mark.parametrize("text", ["ENVOY_PORT='15001", "not an assignment", "ENVOY_PORT='1' trailing"])
+def test_cluster_env_filter_rejects_broken_lines(text):
+    from ansible.errors import AnsibleFilterError
+    cluster_env = cluster_env_filter()
+    with pytest.raises(AnsibleFilterError, match="line 1"):
+        cluster_env(text)
+
+
+@pytest.mark.netns
+def test_guard_refuses_an_explicit_connection_port(netns_factory, tmp_path):
+    ns = netns_factory("guard")
+    proc = run_role(ns, tmp_path, capture_inbound_ports_include="8080,22")
+    assert proc.returncode != 0
+    assert "capture_inbound_ports_include includes port 22" in proc.stdout, proc.stdout
+    assert "ISTIO" not in save(ns)
+
+
+@pytest.mark.netns
+def test_guard_uses_ansible_port(netns_factory, tmp_path):
+    ns = netns_factory("guard")
+    proc = run_role(ns, tmp_path, ansible_port=2222, capture_inbound_ports_include="*",
+                    capture_inbound_ports_exclude=[15090], capture_persist=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WARNING: capture_connection_guard" in proc.stdout
+    ruleset = save(ns)
+    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 2222 -j RETURN" in ruleset
+    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN" in ruleset
+    assert "--dport 22 " not in ruleset
+
+
+@pytest.mark.netns
+def test_validation_failure_rolls_back(host_and_peer, tmp_path):
+    host, _peer = host_and_peer
+    # Something (an Envoy, say) already listens on the proxy port.
+    with netns.tcp_listener(host, 15001, timeout=300):
+        proc = run_role(host, tmp_path, capture_inbound_ports_include="*",
+                        capture_outbound_ip_ranges_include="*", capture_inbound_interception_mode="TPROXY",
+                        capture_validate=True)
+    assert proc.returncode != 0
+    assert "did not pass validation and was rolled back" in proc.stdout, proc.stdout
+    assert "port 15001 is already in use" in proc.stdout
+    assert "ISTIO" not in save(host)
+    assert "lookup 133" not in rules(host)
+    assert not (tmp_path / "host" / "persist").exists()
+    assert not (tmp_path / "host" / "systemd" / "meshcapture-capture.service").exists()
+
+
+@pytest.mark.netns
+def test_validation_of_an_address_not_captured_rolls_back(host_and_peer, tmp_path):
+    host, _peer = host_and_peer
+    proc = run_role(host, tmp_path, capture_outbound_ip_ranges_include="203.0.113.0/24",
+                    capture_validate=True, capture_validate_dest="198.51.100.1", capture_validate_timeout=1)
+    assert proc.returncode != 0
+    assert "was not captured" in proc.stdout, proc.stdout
+    assert "ISTIO" not in save(host)
+
+
+@pytest.mark.netns
+def test_mode_switch_persist_off_and_uninstall_without_the_variables(host_and_peer, tmp_path):
+    host, _peer = host_and_peer
+    persist = tmp_path / "host" / "persist"
+    # 1. TPROXY with a custom mark and table, persisted.
+    proc = run_role(host, tmp_path, capture_inbound_interception_mode="TPROXY", capture_inbound_ports_include="*",
+                    capture_inbound_tproxy_mark=1400, capture_inbound_tproxy_route_table=140,
+                    capture_outbound_ip_ranges_include="203.0.113.0/24", capture_validate=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fwmark 0x578 lookup 140" in rules(host)
+    assert "MESHCAPTURE_TPROXY_MARK=1400" in (persist / "routes.env").read_text()
+    # 2. Back to REDIRECT, not persisted: the old routing and the files go.
+    proc = run_role(host, tmp_path, capture_inbound_ports_include="*", capture_persist=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lookup 140" not in rules(host)
+    assert "ISTIO_IN_REDIRECT" in save(host)
+    assert not persist.exists()
+    assert not (tmp_path / "host" / "systemd" / "meshcapture-capture.service").exists()
+    # 3. TPROXY again, then uninstall with none of the variables: routes.env
+    #    tells the role which routing to remove.
+    proc = run_role(host, tmp_path, capture_inbound_interception_mode="TPROXY", capture_inbound_ports_include="*",
+                    capture_inbound_tproxy_mark=1400, capture_inbound_tproxy_route_table=140)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lookup 140" in rules(host)
+    proc = run_role(host, tmp_path, capture_state="absent")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lookup 140" not in rules(host)
+    assert "ISTIO" not in save(host)
+    assert not persist.exists()
