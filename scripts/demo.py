@@ -99,10 +99,22 @@ def recap(output):
 
 
 def show_diff(output):
-    """The --diff part of a check run: the rule lines that would be added."""
-    lines = [l for l in output.splitlines() if l.startswith(("+", "-", "@@", "TASK [")) and not l.startswith("---")]
-    for line in lines:
-        print("   " + line)
+    """The --diff of a check run: every rule of the rules task, and the
+    names of the other tasks that would change something (files)."""
+    diffs, task = {}, None
+    for line in output.splitlines():
+        if line.startswith("TASK ["):
+            task = line[line.index(":") + 1:].strip(" *]")
+        elif task and line.startswith(("+", "-")) and not line.startswith(("+++", "---")):
+            diffs.setdefault(task, []).append(line)
+    for task, lines in diffs.items():
+        if "capture rules" in task:
+            print("   %s:" % task)
+            for line in lines:
+                print("     " + line)
+    others = [task for task in diffs if "capture rules" not in task]
+    if others:
+        print("   also (files for the next boot): %s" % "; ".join(others))
 
 
 def prove_capture(vm, peer):
