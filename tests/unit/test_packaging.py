@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -35,3 +36,8 @@ def test_ansible_doc_renders(kind, name):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)[name]["doc"]
     assert doc.get("short_description")
+
+
+def test_role_variables_page_is_current():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "role_docs.py"), "--check"])
+    assert proc.returncode == 0, "docs/role-variables.md is stale: run python scripts/role_docs.py"
