@@ -189,9 +189,9 @@ def main():
         rows = prove_capture(vm, peer)
         width = max(len(r[0]) for r in rows)
         for description, expected, landed, orig, ok in rows:
-            print("   %-*s  -> %-24s %s %s" % (width, description, landed,
-                                              ("original dst %s" % orig) if orig else "",
-                                              "ok" if ok else "EXPECTED %s" % expected))
+            origin = ("original dst %s" % orig) if orig else ""
+            verdict = "ok" if ok else "EXPECTED %s" % expected
+            print("   %-*s  -> %-24s %s %s" % (width, description, landed, origin, verdict))
             if not ok:
                 failures.append("%s landed on %s" % (description, landed))
 
@@ -217,8 +217,8 @@ def main():
         subprocess.run(["rm", "-rf", workdir], check=False)
     else:
         print("   kept %s" % workdir)
-    print("\n%s in %.1f s" % ("demo FAILED: " + "; ".join(failures) if failures else "demo passed",
-                               time.time() - started))
+    outcome = "demo FAILED: " + "; ".join(failures) if failures else "demo passed"
+    print("\n%s in %.1f s" % (outcome, time.time() - started))
     return 1 if failures else 0
 
 

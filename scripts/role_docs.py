@@ -51,8 +51,8 @@ def render():
         if kind == "list":
             kind = "list of %s" % spec.get("elements", "str")
         default = defaults.get(name, spec.get("default"))
-        rows.append("| `%s` | %s | `%s` | %s |" % (name, kind, "null" if default is None else default,
-                                                 _plain(description)))
+        shown = "null" if default is None else default
+        rows.append("| `%s` | %s | `%s` | %s |" % (name, kind, shown, _plain(description)))
     return HEADER + "\n".join(rows) + "\n"
 
 

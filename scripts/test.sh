@@ -26,10 +26,11 @@ stage() {
 
 sanity() {
     # ansible-test needs the collection at a real .../ansible_collections/NS/NAME
-    # path: test a copy of the tracked and new files.
-    local root="$REPO/.cache/ansible-test"
+    # path, outside this git checkout (inside it, ansible-test would list the
+    # checkout's files instead): test a copy of the tracked and new files.
+    local root
+    root="$(mktemp -d "${TMPDIR:-/tmp}/meshcapture-sanity.XXXXXX")"
     local tree="$root/ansible_collections/meshcapture/sidecar"
-    rm -rf "$root"
     mkdir -p "$tree"
     git ls-files -co --exclude-standard -z | tar -cf - --null -T - | tar -xf - -C "$tree"
     # ansible-test fetches get-pip.py from a host this machine cannot reach;
@@ -39,8 +40,11 @@ sanity() {
         mkdir -p "$(dirname "$getpip")"
         cp "$REPO/scripts/get_pip_offline.py" "$getpip"
     fi
+    local status=0
     (cd "$tree" && ansible-test sanity --python "$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
-        --requirements --color no)
+        --requirements --color no) || status=$?
+    rm -rf "$root"
+    return "$status"
 }
 
 if [ "$#" -eq 0 ]; then

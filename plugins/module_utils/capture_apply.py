@@ -92,6 +92,7 @@ def count_rules(save_text):
 # ---------------------------------------------------------------- parsing
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 
+
 class Table(object):
     """One table of an iptables-save dump: chains in order, with their rules."""
 

@@ -408,7 +408,7 @@ def test_foreign_rule_between_ours_is_left_alone(netns_factory, tmp_path):
     """A foreign rule inserted between the capture's nat OUTPUT rules: the
     capture still counts as converged (no change) and absent removes only its own."""
     ns = netns_factory("between")
-    opts = dict(CONFIGS["dual-dns"], enable_inbound_ipv6=False)
+    opts = {**CONFIGS["dual-dns"], "enable_inbound_ipv6": False}
     ok(apply(ns, tmp_path, **opts))
     foreign = "-A OUTPUT -d 203.0.113.3/32 -j RETURN"
     ns.run(["iptables-nft", "-t", "nat", "-I", "OUTPUT", "2", "-d", "203.0.113.3", "-j", "RETURN"])
@@ -569,7 +569,8 @@ ROLLBACK = {
     # Foreign rules everywhere, IPv4 changes in every table; the IPv6
     # restore deletes the DNS rules of raw before it fails in nat.
     "foreign-ipv6-raw": (dict(CONFIGS["dual-dns"]),
-                dict(CONFIGS["tproxy"], enable_inbound_ipv6=False, redirect_dns=True, dns_servers_v4=["192.0.2.54"])),
+                         {**CONFIGS["tproxy"], "enable_inbound_ipv6": False, "redirect_dns": True,
+                          "dns_servers_v4": ["192.0.2.54"]}),
 }
 
 
@@ -615,7 +616,7 @@ def test_ipv4_failure_leaves_nothing_half_applied(netns_factory, tmp_path):
     """A restore commits table by table: when IPv4's mangle block fails, its
     raw block (already committed) must be put back too."""
     ns = netns_factory("v4fail")
-    first = dict(CONFIGS["tproxy"], redirect_dns=True, dns_servers_v4=["192.0.2.53"], enable_inbound_ipv6=False)
+    first = {**CONFIGS["tproxy"], "redirect_dns": True, "dns_servers_v4": ["192.0.2.53"], "enable_inbound_ipv6": False}
     ok(apply(ns, tmp_path, **first))
     # Another program's mangle chain jumps to ISTIO_DIVERT: the capture may not delete it.
     ns.run(["iptables-nft", "-t", "mangle", "-N", "FOREIGN_JUMP"])

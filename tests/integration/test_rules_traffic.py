@@ -193,4 +193,3 @@ def test_inbound_tproxy(topology, tmp_path, family):
     assert answer["local"] == fmt_addr(a["host"], 8080)
     answer, dummy = connect(host, 8081, family, peer, a["host"], banner="APP")
     assert answer["ok"] and answer["banner"] == "APP", answer
-

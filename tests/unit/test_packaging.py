@@ -32,12 +32,12 @@ def test_collection_builds(tmp_path):
 
 @pytest.mark.parametrize("kind, name", PLUGINS, ids=[name for kind, name in PLUGINS])
 def test_ansible_doc_renders(kind, name):
-    proc = subprocess.run(["ansible-doc", "-t", kind, "--json", name], capture_output=True, text=True)
+    proc = subprocess.run(["ansible-doc", "-t", kind, "--json", name], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)[name]["doc"]
     assert doc.get("short_description")
 
 
 def test_role_variables_page_is_current():
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "role_docs.py"), "--check"])
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "role_docs.py"), "--check"], check=False)
     assert proc.returncode == 0, "docs/role-variables.md is stale: run python scripts/role_docs.py"
