@@ -135,12 +135,17 @@ def _is_wildcard(option, items, wildcard):
     return True
 
 
+def _check_items(option, values, check, wildcard):
+    """A list option whose items each pass check; with wildcard, ["*"] alone means all."""
+    items = as_list(option, values)
+    if _is_wildcard(option, items, wildcard):
+        return ["*"]
+    return [check(option, item) for item in items]
+
+
 def check_ports(option, values, wildcard=False):
     """A list of ports; with wildcard, ["*"] alone means every port."""
-    ports = as_list(option, values)
-    if _is_wildcard(option, ports, wildcard):
-        return ["*"]
-    return [check_port(option, p) for p in ports]
+    return _check_items(option, values, check_port, wildcard)
 
 
 def check_owner(option, value):
@@ -155,10 +160,8 @@ def check_owner(option, value):
 
 
 def check_owners(option, values, wildcard=False):
-    owners = as_list(option, values)
-    if _is_wildcard(option, owners, wildcard):
-        return ["*"]
-    return [check_owner(option, o) for o in owners]
+    """A list of uids/gids/names; with wildcard, ["*"] alone means everyone."""
+    return _check_items(option, values, check_owner, wildcard)
 
 
 def check_interface(option, value):
@@ -228,10 +231,8 @@ def check_cidr(option, value):
 
 
 def check_cidrs(option, values, wildcard=False):
-    items = as_list(option, values)
-    if _is_wildcard(option, items, wildcard):
-        return "*"
-    return [check_cidr(option, item) for item in items]
+    cidrs = _check_items(option, values, check_cidr, wildcard)
+    return "*" if cidrs == ["*"] else cidrs
 
 
 def check_bool(option, value):
