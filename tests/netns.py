@@ -343,6 +343,56 @@ class Listener:
             pass
 
 
+class MarkedMonitor:
+    """A monitor command (``ip monitor``, ``nft monitor``) inside a namespace,
+    read between markers.
+
+    ``mark()`` makes a marker change and returns the events seen since the
+    previous mark (those the ``keep`` callable accepts): the events between
+    two marks are every change made in that window. ``marker(serial)`` must
+    return ``(argvs, is_end)``: the commands that make the marker change, and
+    a predicate recognising the last event they cause.
+    """
+
+    def __init__(self, ns: Netns, argv, marker, keep=lambda line: True):
+        self.ns, self.marker, self.keep = ns, marker, keep
+        self.proc = ns.popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self.buffer = b""
+        self.serial = 0
+        for _attempt in range(100):  # repeat the first marker until the monitor is subscribed
+            if self.mark(timeout=0.1) is not None:
+                return
+        self.close()
+        raise TimeoutError(f"{argv[0]} monitor saw no marker")
+
+    def mark(self, timeout: float = 5.0) -> list[str] | None:
+        """The kept events since the previous mark, or None on timeout."""
+        self.serial += 1
+        argvs, is_end = self.marker(self.serial)
+        for argv in argvs:
+            self.ns.run(argv)
+        events, deadline = [], time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buffer:
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                line = line.decode().strip()
+                if is_end(line):
+                    return [e for e in events if e and self.keep(e)]
+                events.append(line)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.selector.select(remaining):
+                return None
+            self.buffer += os.read(self.proc.stdout.fileno(), 65536)
+
+    def close(self) -> None:
+        self.selector.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
 def tcp_listener(ns: Netns, port: int, family: int = 4, *, transparent: bool = False, count: int = 1,
                  banner: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  uid: int | None = None, gid: int | None = None) -> Listener:

@@ -9,14 +9,11 @@ default /run/meshcapture.
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import selectors
 import shlex
-import subprocess
-import time
 
 from module_runner import run_module
+from netns import MarkedMonitor
 
 FAMILIES = ("ipv4", "ipv6")
 SAVE = {
@@ -210,47 +207,13 @@ def owned_lines(save_text):
 _OWN_GENERATION = re.compile(r"^# new generation \d+ by process \d+ \(nft\)$")
 
 
-class NftMonitor:
-    """``nft monitor`` inside a namespace.
+def nft_monitor(ns):
+    """``nft monitor`` inside a namespace, marked by adding and deleting a
+    table (see netns.MarkedMonitor); the marker's own events are left out."""
+    def marker(serial):
+        name = "mcs_marker_%d" % serial
+        return ([["nft", "add table inet %s" % name], ["nft", "delete table inet %s" % name]],
+                lambda line: line.startswith("delete table inet %s" % name))
 
-    ``mark()`` adds and deletes a marker table and returns every event seen
-    since the previous mark, marker events excluded: the events between two
-    marks are all the ruleset changes made in that window.
-    """
-
-    def __init__(self, ns):
-        self.ns = ns
-        self.proc = ns.popen(["nft", "monitor"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
-        self.buffer = b""
-        self.serial = 0
-        for _attempt in range(100):  # until the monitor is subscribed
-            if self.mark(timeout=0.1) is not None:
-                return
-        self.close()
-        raise TimeoutError("nft monitor saw no marker")
-
-    def mark(self, timeout=5.0):
-        self.serial += 1
-        name = "mcs_marker_%d" % self.serial
-        self.ns.run(["nft", "add table inet %s" % name])
-        self.ns.run(["nft", "delete table inet %s" % name])
-        events, deadline = [], time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buffer:
-                line, self.buffer = self.buffer.split(b"\n", 1)
-                line = line.decode().strip()
-                if line.startswith("delete table inet %s" % name):
-                    return [e for e in events if e and "mcs_marker_" not in e and not _OWN_GENERATION.match(e)]
-                events.append(line)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.selector.select(remaining):
-                return None
-            self.buffer += os.read(self.proc.stdout.fileno(), 65536)
-
-    def close(self):
-        self.selector.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
+    return MarkedMonitor(ns, ["nft", "monitor"], marker,
+                         keep=lambda line: "mcs_marker_" not in line and not _OWN_GENERATION.match(line))

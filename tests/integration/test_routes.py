@@ -7,13 +7,12 @@ namespace identities.
 
 import os
 import re
-import selectors
-import subprocess
 import time
 
 import pytest
 
 from module_runner import run_module, warning_messages
+from netns import MarkedMonitor
 
 pytestmark = pytest.mark.netns
 
@@ -65,50 +64,17 @@ def settle(ns, timeout=5.0):
         time.sleep(0.05)
 
 
-class NetlinkMonitor:
-    """``ip monitor`` of rules, routes and addresses in a namespace.
+def netlink_monitor(ns):
+    """``ip monitor`` of rules, routes and addresses, marked by adding and
+    deleting a policy rule (see netns.MarkedMonitor)."""
+    def marker(serial):
+        rule = ["pref", str(200 + serial), "fwmark", str(200 + serial), "lookup", str(200 + serial)]
+        end = "lookup %d" % (200 + serial)
+        return ([["ip", "rule", "add", *rule], ["ip", "rule", "del", *rule]],
+                lambda line: line.startswith("Deleted") and line.endswith(end))
 
-    ``mark()`` adds and deletes a marker rule and returns the events seen
-    since the previous mark, markers excluded: the events between two marks
-    are every such change made in that window.
-    """
-
-    def __init__(self, ns):
-        self.ns = ns
-        self.proc = ns.popen(["ip", "monitor", "rule", "route", "address"], stdout=subprocess.PIPE)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
-        self.buffer = b""
-        self.serial = 0
-        # Repeat the first marker until the monitor, once subscribed, sees one.
-        for _attempt in range(100):
-            if self.mark(timeout=0.1) is not None:
-                return
-        raise TimeoutError("ip monitor saw no marker")
-
-    def mark(self, timeout=5.0):
-        self.serial += 1
-        marker = "lookup %d" % (200 + self.serial)
-        rule = ["pref", str(200 + self.serial), "fwmark", str(200 + self.serial), "lookup", str(200 + self.serial)]
-        self.ns.run(["ip", "rule", "add", *rule])
-        self.ns.run(["ip", "rule", "del", *rule])
-        events, deadline = [], time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buffer:
-                line, self.buffer = self.buffer.split(b"\n", 1)
-                line = line.decode().rstrip()
-                if line.startswith("Deleted") and line.endswith(marker):
-                    return [e for e in events if not e.endswith(marker)]
-                events.append(line)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.selector.select(remaining):
-                return None
-            self.buffer += os.read(self.proc.stdout.fileno(), 65536)
-
-    def close(self):
-        self.selector.close()
-        self.proc.kill()
-        self.proc.communicate()
+    return MarkedMonitor(ns, ["ip", "monitor", "rule", "route", "address"], marker,
+                         keep=lambda line: not re.search(r"lookup 2\d\d$", line))
 
 
 def add_unrelated(ns, table):
@@ -142,7 +108,7 @@ def test_present_idempotent_absent(ns, table):
         assert "local default dev lo table %d proto static " % table in applied[family + " route show table all"]
     assert "inet6 ::6/128 scope global" in applied["addr show"]
 
-    monitor = NetlinkMonitor(ns)
+    monitor = netlink_monitor(ns)
     try:
         result = run_module("routes", args, netns=ns, diff=True)
         assert monitor.mark() == [], "the second run wrote over netlink"

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 import netns
-from rules_helpers import (CONFIGS, FAMILIES, NftMonitor, add_foreign, apply, assert_same, ok, restore, run_commands,
+from rules_helpers import (CONFIGS, FAMILIES, add_foreign, nft_monitor, apply, assert_same, ok, restore, run_commands,
                            save, saves, state_dir)
 
 pytestmark = pytest.mark.netns
@@ -93,7 +93,7 @@ def test_check_apply_idempotent_check(netns_factory, tmp_path, name):
         assert diffs[family]["before_header"] == diffs[family]["after_header"] == "%s (iptables-nft)" % family
 
     # 2. apply: one transaction per table of the payloads, not one per rule.
-    monitor = NftMonitor(ns)
+    monitor = nft_monitor(ns)
     try:
         applied = ok(apply(ns, tmp_path, **opts))
         events = monitor.mark()
@@ -118,7 +118,7 @@ def test_check_apply_idempotent_check(netns_factory, tmp_path, name):
     # 3. idempotence: no change, and no write at all (nft monitor sees nothing,
     #    every counter and handle stays).
     handles = ns.run(["nft", "-a", "list", "ruleset"]).stdout
-    monitor = NftMonitor(ns)
+    monitor = nft_monitor(ns)
     try:
         again = ok(apply(ns, tmp_path, diff=True, **opts))
         events = monitor.mark()
@@ -652,7 +652,7 @@ def test_large_ruleset_one_restore(netns_factory, tmp_path):
                 outbound_ip_ranges_include=["10.%d.%d.0/24" % (i // 256, i % 256) for i in range(500)]
                 + ["fd00:%x::/32" % i for i in range(500)],
                 enable_inbound_ipv6=True)
-    monitor = NftMonitor(ns)
+    monitor = nft_monitor(ns)
     try:
         result = ok(apply(ns, tmp_path, **opts))
         events = monitor.mark()
