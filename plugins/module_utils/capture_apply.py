@@ -31,8 +31,8 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules 
     IPV4,
     IPV6,
     TABLES,
-    Ruleset,
     render_restore,
+    restore_line,
 )
 
 BACKENDS = ("iptables-nft", "iptables-legacy")
@@ -278,12 +278,6 @@ class FamilyPlan(object):
         return bool(self.payload)
 
 
-def _verb_line(rule):
-    if rule.is_insert:
-        return " ".join(("-I", rule.chain, str(rule.position)) + rule.params)
-    return " ".join(("-A", rule.chain) + rule.params)
-
-
 def _edit_builtin(chain, live_specs, owned, wanted, rules):
     """Payload lines turning our rules of a built-in chain into `wanted`.
 
@@ -301,7 +295,7 @@ def _edit_builtin(chain, live_specs, owned, wanted, rules):
     dropped = sorted((i for i, dummy in owned if i not in kept.values()), reverse=True)
     deletes = ["-D %s %d" % (chain, i) for i in dropped]
     if not kept:
-        return deletes, [_verb_line(r) for r in rules]
+        return deletes, [restore_line(r) for r in rules]
     # Simulate the chain: live rules minus the dropped ones, then insert.
     model = [i for i in range(1, len(live_specs) + 1) if i not in set(dropped)]
     inserts, cursor = [], None
@@ -386,7 +380,7 @@ def plan_family(family, live, wanted, ruleset, recorded):
         lines.extend(deletes)
         lines.extend("-X %s" % c for c in drop)
         lines.extend(inserts)
-        lines.extend(_verb_line(r) for r in ruleset[family] if r.table == table and r.chain in declare)
+        lines.extend(restore_line(r) for r in ruleset[family] if r.table == table and r.chain in declare)
         lines.append("COMMIT")
         blocks.append("\n".join(lines))
         plan.tables.append(table)
@@ -616,7 +610,3 @@ def _write_atomic(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.rename(tmp, path)
-
-
-def empty_ruleset():
-    return Ruleset()

@@ -34,10 +34,6 @@ class Rule(namedtuple("Rule", "family table chain position params")):
     def is_insert(self):
         return self.position is not None
 
-    def spec(self):
-        """The rule's words after the chain, e.g. ('-p', 'tcp', '-j', 'RETURN')."""
-        return self.params
-
 
 class Ruleset(object):
     """An ordered list of rules per family, as the builder made them."""
@@ -59,21 +55,6 @@ class Ruleset(object):
             if rule.chain not in BUILTIN_CHAINS and key not in seen:
                 seen.append(key)
         return seen
-
-    def final_chains(self, family):
-        """{(table, chain): [params, ...]}: each chain's rules in the order
-        they end up in the kernel after the appends and inserts (starting
-        from empty chains)."""
-        chains = {}
-        for table, chain in self.new_chains(family):
-            chains[(table, chain)] = []
-        for rule in self.rules[family]:
-            current = chains.setdefault((rule.table, rule.chain), [])
-            if rule.is_insert:
-                current.insert(rule.position - 1, rule.params)
-            else:
-                current.append(rule.params)
-        return chains
 
 
 class Builder(object):
@@ -156,6 +137,11 @@ def _verb(rule):
     return ("-A", rule.chain)
 
 
+def restore_line(rule):
+    """The rule as an iptables-restore line: '-A CHAIN ...' or '-I CHAIN N ...'."""
+    return " ".join(_verb(rule) + rule.params)
+
+
 def render_commands(ruleset, families=FAMILIES):
     """The iptables/ip6tables commands, exactly like istio-iptables prints them."""
     out = []
@@ -183,7 +169,7 @@ def render_restore(ruleset, family, tables=TABLES):
             continue
         lines.append("*%s" % table)
         lines.extend(":%s - [0:0]" % chain for t, chain in chains if t == table)
-        lines.extend(" ".join(_verb(r) + r.params) for r in rules)
+        lines.extend(restore_line(r) for r in rules)
         lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else ""
 

@@ -22,7 +22,7 @@ description:
   - O(state=absent) removes every capture-owned rule and chain, also those istio-clean-iptables leaves
     behind, without needing the options the capture was applied with.
   - O(state=rendered) only computes the ruleset; it needs no privileges and touches nothing.
-  - If the IPv6 restore fails after IPv4 was changed, IPv4 is put back as it was.
+  - If a restore fails, every table changed so far (of either family) is put back as it was, counters included.
 author:
   - meshcapture maintainers (@meshcapture)
 extends_documentation_fragment:
