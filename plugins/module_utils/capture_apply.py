@@ -31,6 +31,7 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules 
     IPV4,
     IPV6,
     TABLES,
+    Ruleset,
     render_restore,
     restore_line,
 )
@@ -114,7 +115,9 @@ def parse_save(text):
     tables = OrderedDict()
     table = None
     for raw in text.splitlines():
-        line = _COUNTERS.sub("", raw.strip())  # iptables-save -c: "[pkts:bytes] -A ..."
+        line = raw.strip()
+        if line.startswith("["):  # iptables-save -c: "[pkts:bytes] -A ..."
+            line = _COUNTERS.sub("", line)
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
@@ -272,6 +275,10 @@ class FamilyPlan(object):
         self.added = []
         self.removed = []
         self.builtin_after = {}  # table -> {chain: [spec]} owned built-in rules after
+        # A first apply planned without the canonical form (Engine.plan with
+        # defer=True): (live tables, ruleset, recorded, cache path); the views
+        # are filled in after the restore, from what it added.
+        self.pending = None
 
     @property
     def changed(self):
@@ -445,22 +452,30 @@ class Engine(object):
         return self._exec(argv, data=payload, what="%s: %s" % (family, self.names[family][1]))
 
     # -- canonical form ----------------------------------------------------
-    def canonical(self, family, ruleset):
-        """{table: Table}: the ruleset as iptables-save prints it."""
-        payload = render_restore(ruleset, family)
-        if not payload:
-            return {}
+    def _canonical_cache(self, family, payload):
         # The canonical form depends on the iptables binaries and, for owner
         # names, on the user and group databases: all part of the key.
         stamps = [_mtime(p) for p in (self._bin(family, "save"), self._bin(family, "restore"),
                                       "/etc/passwd", "/etc/group")]
         key = hashlib.sha256(json.dumps([self.backend, family, payload, stamps]).encode("utf-8")).hexdigest()
-        cache = os.path.join(self.state_dir, "canonical", key + ".save")
+        return os.path.join(self.state_dir, "canonical", key + ".save")
+
+    @staticmethod
+    def _cached(cache):
         try:
             with open(cache) as f:
                 return parse_save(f.read())
         except (IOError, OSError):
-            pass
+            return None
+
+    def canonical(self, family, payload):
+        """{table: Table}: a restore payload as iptables-save prints it."""
+        if not payload:
+            return {}
+        cache = self._canonical_cache(family, payload)
+        cached = self._cached(cache)
+        if cached is not None:
+            return cached
         script = '"$0" --noflush && "$1"'
         argv = [self.paths["unshare"], "--net", "--", "/bin/sh", "-c", script,
                 self._bin(family, "restore"), self._bin(family, "save")]
@@ -485,9 +500,17 @@ class Engine(object):
         return record if record.get("version") == STATE_VERSION else {}
 
     # -- plan / apply ------------------------------------------------------
-    def plan(self, ruleset):
+    def plan(self, ruleset, payloads=None, defer=False):
         """Plan convergence to ruleset (Ruleset() for absent).
 
+        payloads: {family: render_restore(ruleset, family)} when the caller
+        has them already (then ruleset is only read for the families that
+        need a change, so it may be computed lazily).
+        defer: for a family with nothing of a capture in its tables and no
+        cached canonical form, plan the plain payload and learn the
+        canonical form from what the restore adds (apply() does), instead of
+        a restore + save in a scratch namespace first.  Only for runs that
+        apply: the plan then has no before/after views until apply().
         Returns (plans {family: FamilyPlan}, lives {family: save text}).
         """
         record = self.load_record()
@@ -495,11 +518,42 @@ class Engine(object):
         for family in self.families:
             lives[family] = self.save(family)
             live = parse_save(lives[family])
-            wanted = self.canonical(family, ruleset)
+            payload = payloads[family] if payloads is not None else render_restore(ruleset, family)
             family_record = record.get("families", {}).get(family)
             recorded = None if family_record is None else family_record.get("builtin", {})
+            cache = self._canonical_cache(family, payload) if payload else None
+            wanted = self._cached(cache) if cache else {}
+            if wanted is None and defer and not plan_family(family, live, {}, Ruleset(), recorded).before:
+                plan = plans[family] = FamilyPlan(family)
+                plan.payload = payload
+                plan.tables = [line[1:] for line in payload.splitlines() if line.startswith("*")]
+                plan.pending = (live, ruleset, recorded, cache)
+                continue
+            if wanted is None:
+                wanted = self.canonical(family, payload)
             plans[family] = plan_family(family, live, wanted, ruleset, recorded)
         return plans, lives
+
+    def _finish(self, plan):
+        """Fill in a deferred plan once its payload is restored: the rules
+        the restore added are the canonical form, kept in the cache when
+        they are exactly as many rules and chains as the payload has (else,
+        say when something else changed the tables meanwhile, the canonical
+        form is computed in a scratch namespace as usual)."""
+        live, ruleset, recorded, cache = plan.pending
+        wanted = _added_by_restore(live, parse_save(self.save(plan.family)))
+        lines = plan.payload.splitlines()
+        if sum(1 for line in lines if line.startswith(("-A ", "-I "))) == \
+                sum(len(specs) for t in wanted.values() for specs in t.rules.values()) \
+                and sum(1 for line in lines if line.startswith(":")) == \
+                sum(len(t.user_chains()) for t in wanted.values()):
+            _write_atomic(cache, format_owned(dict((name, t.rules) for name, t in wanted.items())))
+        else:
+            wanted = self.canonical(plan.family, plan.payload)
+        done = plan_family(plan.family, live, wanted, ruleset, recorded)
+        for name in ("before", "after", "added", "removed", "builtin_after"):
+            setattr(plan, name, getattr(done, name))
+        plan.pending = None
 
     def apply(self, plans, lives):
         """Apply the planned payloads, IPv4 first.
@@ -516,16 +570,18 @@ class Engine(object):
         for family, plan in plans.items():
             rec = record["families"].setdefault(family, {"builtin": {}, "created_tables": []})
             existing = parse_save(lives[family])
-            rec["created_tables"] += [t for t in plan.after if t not in existing and t not in rec["created_tables"]]
             if plan.changed:
                 step = (family, self.save(family, counters=True), plan.tables)
                 try:
                     self.restore(family, plan.payload)
+                    if plan.pending is not None:
+                        self._finish(plan)
                 except ApplyError as err:
                     self._rollback(done + [step])
                     err.msg += "; rolled back: %s" % ", ".join(f for f, dummy, dummy2 in done + [step])
                     raise
                 done.append(step)
+            rec["created_tables"] += [t for t in plan.after if t not in existing and t not in rec["created_tables"]]
             rec["builtin"] = dict((t, c) for t, c in plan.builtin_after.items() if c)
         for family, plan in plans.items():
             rec = record["families"][family]
@@ -575,6 +631,74 @@ class Engine(object):
             os.unlink(self._record_path())
         except OSError:
             pass
+
+
+def _added_by_restore(before, after):
+    """{table: Table} of the rules and chains a --noflush restore added:
+    per chain, the rules of `after` that are not in `before` (rules that
+    were there keep their relative order, so a sequence match finds them)."""
+    out = OrderedDict()
+    for name, t_after in after.items():
+        t_before = before.get(name) or Table(name)
+        added = Table(name)
+        for chain in t_after.policies:
+            old, new = t_before.rules.get(chain, []), t_after.rules.get(chain, [])
+            if chain not in t_before.policies:
+                added.add_chain(chain, t_after.policies[chain])
+                added.rules[chain] = list(new)
+                continue
+            matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+            specs = [spec for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag in ("insert", "replace")
+                     for spec in new[j1:j2]]
+            if specs:
+                added.add_chain(chain, t_after.policies[chain])
+                added.rules[chain] = specs
+        if added.policies:
+            out[name] = added
+    return out
+
+
+class RenderMemo(object):
+    """The rendering of the configuration last applied in this network
+    namespace (commands, restore payloads, effective configuration),
+    kept in state_dir under a digest of everything it was computed from.
+
+    A re-run with the same options, generator code and host files (see
+    memo_key) loads it instead of validating and generating again, so a
+    no-op costs little more than one iptables-save per family.  One file
+    per namespace: a new configuration replaces it.
+    """
+
+    def __init__(self, state_dir, netns_id=None):
+        self.path = os.path.join(state_dir, "rendered-%s.json" % (netns_id or _netns_id()))
+
+    def load(self, key):
+        """The stored rendering when it was stored under key, else None."""
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except (IOError, OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("key") != key:
+            return None
+        return data.get("rendered")
+
+    def store(self, key, rendered):
+        _write_atomic(self.path, json.dumps({"key": key, "rendered": rendered}, separators=(",", ":")))
+
+    def remove(self):
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def memo_key(params, code, files):
+    """Digest of a rendering's inputs: the module options, the code that
+    validates and generates (sources), and the host files it reads
+    ({path: content or stat stamp})."""
+    blob = json.dumps([STATE_VERSION, params, code, files], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def _select_tables(save_text, tables):

@@ -150,14 +150,16 @@ options:
     default: false
   state_dir:
     description:
-      - Where the module keeps its state record (per network namespace) and its cache of canonical rule forms.
-        Lost on reboot together with the rules when on a tmpfs, which is intended.
+      - Where the module keeps its state record (per network namespace), its cache of canonical rule forms and
+        the rendering of the last applied configuration (so that a re-run with the same options skips validation
+        and generation). Lost on reboot together with the rules when on a tmpfs, which is intended.
     type: path
     default: /run/meshcapture
 notes:
   - Comma-separated strings are accepted wherever a list is, so values copied from an Istio C(cluster.env) work.
   - The canonical form of the wanted rules is computed once by restoring them in a scratch network namespace
-    (C(unshare --net)) and cached in O(state_dir); this never touches the host's tables.
+    (C(unshare --net)), or on a first apply learnt from what the restore added, and cached in O(state_dir);
+    the scratch namespace never touches the host's tables.
 requirements:
   - iptables (C(iptables-nft-save) and friends, or the legacy ones), C(unshare) (util-linux)
   - C(nft) to remove tables the capture created, on the nft backend
@@ -240,19 +242,28 @@ summary:
 """
 
 import grp
+import hashlib
 import os
 import pwd
+import sys
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.meshcapture.sidecar.plugins.module_utils import (
+    capture_config,
+    capture_generator,
+    capture_rules,
+)
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import (
     ApplyError,
     Engine,
+    RenderMemo,
     binary_names,
     choose_backend,
     count_rules,
     format_owned,
     legacy_tables_loaded,
+    memo_key,
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (
     DEFAULTS,
@@ -366,44 +377,110 @@ def _diff(plans, backend):
             for family, plan in plans.items()]
 
 
+def _stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _code_digest(*modules):
+    """sha256 of the modules' sources (None when a loader cannot tell)."""
+    digest = hashlib.sha256()
+    for mod in modules:
+        spec = getattr(mod, "__spec__", None)
+        try:
+            source = mod.__loader__.get_source(spec.name if spec else mod.__name__)
+        except Exception:  # pylint: disable=broad-except  # any loader without sources: no memo
+            source = None
+        if not source:
+            return None
+        digest.update(source.encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _memo_key(params):
+    """The key of this run's rendering (None: do not memoise)."""
+    code = _code_digest(sys.modules[__name__], capture_config, capture_generator, capture_rules)
+    if code is None:
+        return None
+    # What validation and generation read from the host: resolv.conf for the
+    # DNS servers, the user and group databases for the owner names.
+    files = {"/etc/resolv.conf": _read_text("/etc/resolv.conf"),
+             "/etc/passwd": _stamp("/etc/passwd"), "/etc/group": _stamp("/etc/group")}
+    return memo_key(params, code, files)
+
+
+def _render(module, params, state):
+    """Validate and generate: (rendering dict, Ruleset), or fail_json."""
+    try:
+        cfg = CaptureConfig.from_params(dict((k, params[k]) for k in DEFAULTS),
+                                        read_resolv_conf=lambda: _read_text("/etc/resolv.conf"))
+    except CaptureError as err:
+        module.fail_json(msg=str(err))
+    ruleset = generate(cfg)
+    rendered = dict(
+        commands=render_commands(ruleset),
+        restore=dict((family, render_restore(ruleset, family)) for family in FAMILIES),
+        config=cfg.to_dict(),
+        warnings=list(cfg.warnings),
+    )
+    if state == "present":
+        try:
+            cfg.check_owner_names(_exists(pwd.getpwnam), _exists(grp.getgrnam))
+        except CaptureError as err:
+            module.fail_json(msg=str(err), changed=False, **_public(rendered))
+    return rendered, ruleset
+
+
+def _public(rendered):
+    return dict((k, rendered[k]) for k in ("commands", "restore", "config"))
+
+
+class _LazyRuleset(object):
+    """A Ruleset generated on first use (a memoised no-op never needs it)."""
+
+    def __init__(self, build):
+        self._build = build
+        self._ruleset = None
+
+    def __getitem__(self, family):
+        if self._ruleset is None:
+            self._ruleset = self._build()
+        return self._ruleset[family]
+
+
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     state = p["state"]
     runner = _Runner(module)
-    try:
-        cfg = CaptureConfig.from_params(dict((k, p[k]) for k in DEFAULTS),
-                                        read_resolv_conf=lambda: _read_text("/etc/resolv.conf"))
-    except CaptureError as err:
-        module.fail_json(msg=str(err))
-    for warning in cfg.warnings:
+    # state=present re-runs with the same options load the rendering of the
+    # last run from state_dir instead of validating and generating again.
+    memo = RenderMemo(p["state_dir"]) if state == "present" else None
+    key = _memo_key(p) if memo else None
+    rendered = memo.load(key) if key else None
+    fresh = rendered is None
+    if fresh:
+        rendered, ruleset = _render(module, p, state)
+    else:
+        ruleset = _LazyRuleset(lambda: _render(module, p, state)[1])
+    for warning in rendered["warnings"]:
         module.warn(warning)
-
-    ruleset = generate(cfg)
-    result = dict(
-        changed=False,
-        commands=render_commands(ruleset),
-        restore=dict((family, render_restore(ruleset, family)) for family in FAMILIES),
-        config=cfg.to_dict(),
-    )
+    result = dict(changed=False, **_public(rendered))
     if state == "rendered":
         result["backend"] = p["backend"] if p["backend"] != "auto" else "iptables-nft"
         module.exit_json(**result)
-
-    if state == "present":
-        try:
-            cfg.check_owner_names(_exists(pwd.getpwnam), _exists(grp.getgrnam))
-        except CaptureError as err:
-            module.fail_json(msg=str(err), **result)
 
     backend = _detect_backend(module, p["backend"], runner)
     result["backend"] = backend
     families = [IPV4]
     v6_tools = [module.get_bin_path(name) for name in binary_names(backend)[IPV6]]
     if not os.path.exists("/proc/net/if_inet6"):
-        if ruleset[IPV6]:
+        if rendered["restore"][IPV6]:
             module.warn("IPv6 is disabled in this kernel: the IPv6 capture rules are skipped")
-    elif ruleset[IPV6] or all(v6_tools):
+    elif rendered["restore"][IPV6] or all(v6_tools):
         # Without IPv6 rules wanted, IPv6 is still converged (old rules removed) where ip6tables exists.
         families.append(IPV6)
     paths = {"nft": module.get_bin_path("nft")}
@@ -414,10 +491,13 @@ def main():
             module.fail_json(msg="%s not found on the target: %s" % (name, INSTALL_HINTS.get(name, INSTALL_HINTS["*"])),
                              **result)
 
-    wanted = Ruleset() if state == "absent" else ruleset
+    if state == "absent":
+        wanted, payloads = Ruleset(), dict((family, "") for family in FAMILIES)
+    else:
+        wanted, payloads = ruleset, rendered["restore"]
     engine = Engine(runner, backend, paths, p["state_dir"], families=families, check_mode=module.check_mode)
     try:
-        plans, lives = engine.plan(wanted)
+        plans, lives = engine.plan(wanted, payloads, defer=not module.check_mode)
         changed = any(plan.changed for plan in plans.values())
         if changed and not module.check_mode:
             engine.apply(plans, lives)
@@ -427,6 +507,13 @@ def main():
         module.fail_json(msg=str(err), **result)
     for warning in engine.warnings:
         module.warn(warning)
+    if key and fresh and not module.check_mode:
+        try:
+            memo.store(key, rendered)
+        except (IOError, OSError) as err:
+            module.warn("could not keep the rendering in %s: %s" % (memo.path, err))
+    elif state == "absent" and not module.check_mode:
+        RenderMemo(p["state_dir"]).remove()
 
     result.update(
         changed=changed,

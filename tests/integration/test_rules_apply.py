@@ -5,6 +5,7 @@ state_dir under the test's tmp_path.  iptables-save output is compared with
 comment lines removed (see rules_helpers.save).
 """
 
+import json
 import os
 import re
 from collections import Counter
@@ -151,6 +152,64 @@ def test_live_state_equals_restore_payload(netns_factory, tmp_path, name):
         if result["restore"][family]:
             restore(reference, family, result["restore"][family])
     assert_same(saves(host), saves(reference))
+
+
+def test_rerun_uses_the_memoised_rendering(netns_factory, tmp_path):
+    """A re-run with the same options loads the rendering kept in state_dir
+    (one file per namespace, not rewritten), returns what a fresh rendering
+    returns, and an uninstall removes it."""
+    ns = netns_factory("memo")
+    opts = CONFIGS["dual-dns"]
+    rendered = ok(apply(ns, tmp_path, state="rendered", **opts))
+    first = ok(apply(ns, tmp_path, **opts))
+    memo = [f for f in state_files(tmp_path) if f.startswith("rendered-")]
+    assert len(memo) == 1, state_files(tmp_path)
+    stamp = os.stat(os.path.join(state_dir(tmp_path), memo[0])).st_mtime_ns
+    again = ok(apply(ns, tmp_path, **opts))
+    assert again["changed"] is False
+    assert os.stat(os.path.join(state_dir(tmp_path), memo[0])).st_mtime_ns == stamp, "the memo was rewritten"
+    for key in ("commands", "restore", "config"):
+        assert first[key] == again[key] == rendered[key], key
+    other = ok(apply(ns, tmp_path, **dict(opts, proxy_port=15011)))
+    assert other["changed"] is True and other["commands"] != first["commands"]
+    assert [f for f in state_files(tmp_path) if f.startswith("rendered-")] == memo
+    ok(apply(ns, tmp_path, state="absent"))
+    assert [f for f in state_files(tmp_path) if f.startswith("rendered-")] == []
+
+
+@pytest.mark.parametrize("name", ["dual-dns", "kubevirt"])
+def test_first_apply_learns_the_canonical_form(netns_factory, tmp_path, name):
+    """A first apply restores the payload without canonicalising it in a
+    scratch namespace first; the canonical form it keeps (what the restore
+    added, foreign rules around it) equals the scratch namespace's."""
+    import subprocess
+    from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import Engine, parse_save
+
+    ns = netns_factory("learn")
+    add_foreign(ns)
+    result = ok(apply(ns, tmp_path, **CONFIGS[name]))
+    def view(tables):  # {table: {chain: rules}} of the chains with rules and the capture's chains
+        out = {t: {c: r for c, r in table.rules.items() if r or c.startswith("ISTIO_")} for t, table in tables.items()}
+        return json.dumps({t: chains for t, chains in out.items() if chains}, sort_keys=True)
+
+    cache_dir = os.path.join(state_dir(tmp_path), "canonical")
+    learned = []
+    for entry in os.listdir(cache_dir):
+        with open(os.path.join(cache_dir, entry)) as f:
+            learned.append(view(parse_save(f.read())))
+
+    def runner(argv, data=None):
+        proc = subprocess.run(argv, input=data, capture_output=True, text=True, check=False)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    paths = {name_: "/usr/sbin/" + name_ for name_ in ("iptables-nft-save", "iptables-nft-restore",
+                                                        "ip6tables-nft-save", "ip6tables-nft-restore")}
+    paths["unshare"] = "/usr/bin/unshare"
+    scratch = Engine(runner, "iptables-nft", paths, str(tmp_path / "scratch"), netns_id="test")
+    expected = [view(scratch.canonical(family, payload)) for family, payload in result["restore"].items() if payload]
+    assert sorted(learned) == sorted(expected)
+    # ... and the next run is a no-op that reads it.
+    assert ok(apply(ns, tmp_path, **CONFIGS[name]))["changed"] is False
 
 
 # -------------------------------------------------------------- transitions

@@ -61,3 +61,25 @@ def test_bad_input_fails_before_touching_anything(run_module, monkeypatch):
     result, failed = run_module(rules.main, dict(state="present", inbound_ports_include=["0"]))
     assert failed and calls == []
     assert result["msg"].startswith("inbound_ports_include:")
+
+
+def test_memo_key_covers_the_code_and_the_host_files(monkeypatch):
+    params = {"state": "present", "redirect_dns": True}
+    key = rules._memo_key(params)
+    assert key is not None, "the module's sources must be readable, else no re-run is memoised"
+    assert rules._memo_key(dict(params)) == key
+    monkeypatch.setattr(rules, "_read_text", lambda path: "nameserver 203.0.113.53\n")
+    assert rules._memo_key(params) != key
+
+
+def test_memo_is_off_when_a_source_is_unreadable(monkeypatch):
+    class NoSource:
+        __name__ = "nosource"
+        __spec__ = None
+
+        class __loader__:  # noqa: N801  (a stand-in loader)
+            @staticmethod
+            def get_source(name):
+                return None
+
+    assert rules._code_digest(rules.capture_rules, NoSource) is None
