@@ -11,7 +11,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLUGINS = [("module", "meshcapture.sidecar.rules"), ("module", "meshcapture.sidecar.routes"),
-           ("module", "meshcapture.sidecar.probe"), ("connection", "meshcapture.sidecar.netns"),
+           ("module", "meshcapture.sidecar.probe"), ("module", "meshcapture.sidecar.persist"),
+           ("connection", "meshcapture.sidecar.netns"),
            ("filter", "meshcapture.sidecar.cluster_env")]
 
 pytestmark = pytest.mark.skipif(not shutil.which("ansible-galaxy"), reason="ansible-core not on PATH")
@@ -24,7 +25,8 @@ def test_collection_builds(tmp_path):
         names = tar.getnames()
         manifest = json.load(tar.extractfile("MANIFEST.json"))
     assert manifest["collection_info"]["license"] == ["Apache-2.0"]
-    for path in ("plugins/modules/rules.py", "plugins/modules/routes.py", "roles/capture/tasks/main.yml",
+    for path in ("plugins/modules/rules.py", "plugins/modules/routes.py", "plugins/modules/persist.py",
+                 "roles/capture/tasks/main.yml",
                  "plugins/connection/netns.py", "meta/runtime.yml"):
         assert path in names
     assert not any(name.startswith((".cache", ".venv")) for name in names)
