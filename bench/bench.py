@@ -753,6 +753,13 @@ def report(b: Bench, machine, load_before, load_after):
             add("  %-36s %2d %7s %9s %6.2fx   %s / %s" % (
                 text, len(r["fleet20." + what]), fmt_s(one), fmt_s(many), many / one,
                 fmt_s(b.med("fleet1.%s.cpu" % what)), fmt_s(b.med("fleet20.%s.cpu" % what))))
+        # Every namespace "host" runs its modules on the controller's CPUs:
+        # the 20 hosts' CPU time spread over all CPUs bounds the wall time.
+        ncpu = os.cpu_count() or 1
+        for what, text in (("first", "converge"), ("noop", "no-op")):
+            bound = b.med("fleet20.%s.cpu" % what) / ncpu
+            add("  %s: 20 hosts' CPU time / %d CPUs = %s s = %.2fx one host: the least the ratio can be on this "
+                "machine" % (text, ncpu, fmt_s(bound), bound / b.med("fleet1." + what)))
         add("")
     top = "scale%d" % SCALE_POINTS[-1]
     add("memory: peak RSS (VmHWM) of the module process at %s CIDRs + %s ports (%s rules): %.1f MiB first apply,"

@@ -8,11 +8,14 @@ comment lines removed (see rules_helpers.save).
 import json
 import os
 import re
+import shutil
+import subprocess
 from collections import Counter
 
 import pytest
 
 import netns
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import Engine, parse_save
 from rules_helpers import (CONFIGS, FAMILIES, add_foreign, nft_monitor, apply, assert_same, ok, restore, run_commands,
                            save, saves, state_dir)
 
@@ -182,12 +185,10 @@ def test_first_apply_learns_the_canonical_form(netns_factory, tmp_path, name):
     """A first apply restores the payload without canonicalising it in a
     scratch namespace first; the canonical form it keeps (what the restore
     added, foreign rules around it) equals the scratch namespace's."""
-    import subprocess
-    from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import Engine, parse_save
-
     ns = netns_factory("learn")
     add_foreign(ns)
     result = ok(apply(ns, tmp_path, **CONFIGS[name]))
+
     def view(tables):  # {table: {chain: rules}} of the chains with rules and the capture's chains
         out = {t: {c: r for c, r in table.rules.items() if r or c.startswith("ISTIO_")} for t, table in tables.items()}
         return json.dumps({t: chains for t, chains in out.items() if chains}, sort_keys=True)
@@ -202,9 +203,8 @@ def test_first_apply_learns_the_canonical_form(netns_factory, tmp_path, name):
         proc = subprocess.run(argv, input=data, capture_output=True, text=True, check=False)
         return proc.returncode, proc.stdout, proc.stderr
 
-    paths = {name_: "/usr/sbin/" + name_ for name_ in ("iptables-nft-save", "iptables-nft-restore",
-                                                        "ip6tables-nft-save", "ip6tables-nft-restore")}
-    paths["unshare"] = "/usr/bin/unshare"
+    tools = ("iptables-nft-save", "iptables-nft-restore", "ip6tables-nft-save", "ip6tables-nft-restore", "unshare")
+    paths = {tool: shutil.which(tool) for tool in tools}
     scratch = Engine(runner, "iptables-nft", paths, str(tmp_path / "scratch"), netns_id="test")
     expected = [view(scratch.canonical(family, payload)) for family, payload in result["restore"].items() if payload]
     assert sorted(learned) == sorted(expected)
