@@ -37,6 +37,7 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules 
 )
 
 BACKENDS = ("iptables-nft", "iptables-legacy")
+_NFT_FAMILY = {IPV4: "ip", IPV6: "ip6"}
 STATE_VERSION = 1
 
 
@@ -572,6 +573,11 @@ class Engine(object):
             existing = parse_save(lives[family])
             if plan.changed:
                 step = (family, self.save(family, counters=True), plan.tables)
+                # iptables-nft creates a base chain the first time a rule goes
+                # into it: note the ones this restore creates in tables that
+                # existed before (a table it creates is removed as a whole).
+                touched = [t for t in plan.tables if t in existing]
+                chains_before = self._base_chains(family) if touched else None
                 try:
                     self.restore(family, plan.payload)
                     if plan.pending is not None:
@@ -581,6 +587,13 @@ class Engine(object):
                     err.msg += "; rolled back: %s" % ", ".join(f for f, dummy, dummy2 in done + [step])
                     raise
                 done.append(step)
+                if chains_before is not None:
+                    chains_after = self._base_chains(family)
+                    created = rec.setdefault("created_chains", {})
+                    for table in touched:
+                        new = chains_after.get(table, set()) - chains_before.get(table, set())
+                        if new:
+                            created[table] = sorted(set(created.get(table, [])) | new)
             rec["created_tables"] += [t for t in plan.after if t not in existing and t not in rec["created_tables"]]
             rec["builtin"] = dict((t, c) for t, c in plan.builtin_after.items() if c)
         for family, plan in plans.items():
@@ -588,7 +601,9 @@ class Engine(object):
             unused = [t for t in rec["created_tables"] if t not in plan.after]
             self._drop_created_tables(family, unused)
             rec["created_tables"] = [t for t in rec["created_tables"] if t in plan.after]
-        if any(rec["builtin"] or rec["created_tables"] for rec in record["families"].values()):
+            self._drop_created_chains(family, plan, rec)
+        if any(rec["builtin"] or rec["created_tables"] or rec.get("created_chains")
+               for rec in record["families"].values()):
             _write_atomic(self._record_path(), json.dumps(record, indent=1, sort_keys=True))
         else:
             self._remove_record()
@@ -623,8 +638,54 @@ class Engine(object):
                 continue
             if any(p not in ("ACCEPT", "-") for p in t.policies.values()):
                 continue
-            self._exec([nft, "delete", "table", "ip" if family == IPV4 else "ip6", table],
+            self._exec([nft, "delete", "table", _NFT_FAMILY[family], table],
                        what="%s: nft delete table" % family)
+
+    def _base_chains(self, family):
+        """{table: set of built-in chain names} that exist in nftables for the
+        family (`nft list chains`, no rules listed); None when that cannot be
+        told (legacy backend, or no nft)."""
+        nft = self.paths.get("nft")
+        if self.backend != "iptables-nft" or not nft:
+            return None
+        rc, out, dummy = self.run([nft, "list", "chains", _NFT_FAMILY[family]])
+        if rc != 0:
+            return None
+        chains, table = {}, None
+        for line in out.splitlines():
+            words = line.split()
+            if words[:1] == ["table"] and len(words) >= 3:
+                table = words[2]
+                chains.setdefault(table, set())
+            elif words[:1] == ["chain"] and len(words) >= 2 and table is not None and words[1] in BUILTIN_CHAINS:
+                chains[table].add(words[1])
+        return chains
+
+    def _drop_created_chains(self, family, plan, rec):
+        """Delete the empty base chains the capture created in tables that
+        existed before, once it has no rules in them any more (nft backend).
+        A chain that other software has put rules in, or given another policy,
+        is left alone."""
+        created = dict((t, c) for t, c in (rec.get("created_chains") or {}).items() if c)
+        rec["created_chains"] = created
+        unused = [(t, c) for t, chains in sorted(created.items()) for c in chains if not plan.after.get(t, {}).get(c)]
+        nft = self.paths.get("nft")
+        if not unused or not nft:
+            return
+        live = parse_save(self.save(family))
+        for table, chain in unused:
+            t = live.get(table)
+            if t is not None and (t.rules.get(chain) or t.policies.get(chain, "ACCEPT") != "ACCEPT"):
+                continue  # in use by someone else: keep it, and keep it recorded
+            if t is not None:
+                argv = [nft, "delete", "chain", _NFT_FAMILY[family], table, chain]
+                rc, out, err = self.run(argv)
+                if rc != 0:
+                    self.warnings.append("%s: could not delete the empty %s chain %s the capture created: %s"
+                                         % (family, table, chain, (err or out).strip()))
+                    continue
+            created[table] = [c for c in created[table] if c != chain]
+        rec["created_chains"] = dict((t, c) for t, c in created.items() if c)
 
     def _remove_record(self):
         try:

@@ -293,25 +293,52 @@ def test_absent_restores_every_table(netns_factory, tmp_path, name):
 PRIOR = {
     "no-tables": {},
     "filter-only": {"ipv4": "*filter\n-A INPUT -s 203.0.113.9/32 -j ACCEPT\nCOMMIT\n"},
+    # Tables the capture uses, with only some of their base chains: nft has
+    # no PREROUTING etc. until the capture puts a rule there.
+    "nat-output-only": {"ipv4": "*nat\n-A OUTPUT -d 203.0.113.9/32 -j RETURN\nCOMMIT\n"
+                                "*mangle\n-A POSTROUTING -o lo -j RETURN\nCOMMIT\n",
+                        "ipv6": "*nat\n-A OUTPUT -d 2001:db8::9/128 -j RETURN\nCOMMIT\n"},
 }
 
 
-NOTAB = [(name, "no-tables") for name in CONFIGS] + [("tproxy", "filter-only"), ("dual-dns", "filter-only")]
+NOTAB = [(name, "no-tables") for name in CONFIGS] + [("tproxy", "filter-only"), ("dual-dns", "filter-only"),
+                                                     ("tproxy", "nat-output-only"), ("dual-dns", "nat-output-only")]
 
 
 @pytest.mark.parametrize("name, prior", NOTAB, ids=["%s-%s" % case for case in NOTAB])
 def test_absent_deletes_the_tables_it_created(netns_factory, tmp_path, name, prior):
+    """... and the base chains it created in tables that were there: the
+    nftables ruleset ends as it began, not only the iptables-save view."""
     ns = netns_factory("notab")
     for family, payload in PRIOR[prior].items():
         restore(ns, family, payload)
     before = saves(ns, counters=True)
+    ruleset = ns.run(["nft", "list", "ruleset"]).stdout
     ok(apply(ns, tmp_path, **CONFIGS[name]))
     assert ok(apply(ns, tmp_path, state="absent"))["changed"] is True
     assert_same(saves(ns, counters=True), before)
+    assert ns.run(["nft", "list", "ruleset"]).stdout == ruleset
+    assert [f for f in state_files(tmp_path) if f.startswith("netns-")] == [], "state record left behind"
     if prior == "no-tables":
         assert ns.run(["iptables-nft-save"]).stdout == ""
         assert ns.run(["ip6tables-nft-save"]).stdout == ""
         assert ns.run(["nft", "list", "ruleset"]).stdout == ""
+
+
+def test_absent_keeps_a_created_base_chain_that_others_use(netns_factory, tmp_path):
+    """A base chain the capture created, where other software has since put
+    a rule, stays (with that rule) after absent."""
+    ns = netns_factory("chain")
+    restore(ns, "ipv4", PRIOR["nat-output-only"]["ipv4"])
+    assert "chain PREROUTING" not in ns.run(["nft", "list", "table", "ip", "nat"]).stdout
+    ok(apply(ns, tmp_path, **CONFIGS["dual-dns"]))
+    assert "chain PREROUTING" in ns.run(["nft", "list", "table", "ip", "nat"]).stdout
+    ns.run(["iptables-nft", "-t", "nat", "-A", "PREROUTING", "-s", "203.0.113.7/32", "-j", "RETURN"])
+    after_foreign = saves(ns)
+    assert ok(apply(ns, tmp_path, state="absent"))["changed"] is True
+    assert "-A PREROUTING -s 203.0.113.7/32 -j RETURN" in save(ns, "ipv4")
+    assert "ISTIO" not in save(ns, "ipv4") and "ISTIO" in after_foreign["ipv4"]
+    assert "chain PREROUTING" in ns.run(["nft", "list", "table", "ip", "nat"]).stdout
 
 
 # Rules of other software shaped like the capture's own, but with other
