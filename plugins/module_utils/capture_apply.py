@@ -475,8 +475,10 @@ class Engine(object):
             return {}
         cache = self._canonical_cache(family, payload)
         cached = self._cached(cache)
-        if cached is not None:
-            return cached
+        return cached if cached is not None else self._scratch(family, payload, cache)
+
+    def _scratch(self, family, payload, cache):
+        """Canonicalise in a scratch network namespace; kept in cache (not in check mode)."""
         script = '"$0" --noflush && "$1"'
         argv = [self.paths["unshare"], "--net", "--", "/bin/sh", "-c", script,
                 self._bin(family, "restore"), self._bin(family, "save")]
@@ -531,7 +533,7 @@ class Engine(object):
                 plan.pending = (live, ruleset, recorded, cache)
                 continue
             if wanted is None:
-                wanted = self.canonical(family, payload)
+                wanted = self._scratch(family, payload, cache)
             plans[family] = plan_family(family, live, wanted, ruleset, recorded)
         return plans, lives
 
@@ -550,7 +552,7 @@ class Engine(object):
                 sum(len(t.user_chains()) for t in wanted.values()):
             _write_atomic(cache, format_owned(dict((name, t.rules) for name, t in wanted.items())))
         else:
-            wanted = self.canonical(plan.family, plan.payload)
+            wanted = self._scratch(plan.family, plan.payload, cache)
         done = plan_family(plan.family, live, wanted, ruleset, recorded)
         for name in ("before", "after", "added", "removed", "builtin_after"):
             setattr(plan, name, getattr(done, name))
