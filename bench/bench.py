@@ -26,7 +26,7 @@ Variants (bench/README.md describes them in full):
   apply and no-op through Ansible and the module alone, istio-style check
   (estimated from an evenly spaced sample of rules);
 * fleet: the capture role on 1 and on 20 hosts, forks 10, converge and
-  no-op re-run;
+  no-op re-run, and the floor playbook on the same hosts for reference;
 * memory: max RSS of the module process (the module file run directly).
 
 Exit status: 0 when every goal holds, 1 when a goal is missed, 2 when the
@@ -555,6 +555,10 @@ class Bench:
                                           forks=FLEET_FORKS, label="role re-run on %d hosts" % size)
             if changed:
                 self.notes.append("the role's re-run on %d hosts reported %d changed tasks" % (size, changed))
+            # The reference: the floor playbook (one trivial module run per
+            # host) on the same hosts, what any role pays at the least.
+            self.timed_playbook(key + ".floor", PLAYBOOKS / "floor.yml", hosts, forks=FLEET_FORKS,
+                                expect="unchanged", label="floor playbook on %d hosts" % size)
 
     # -- main loop ---------------------------------------------------------
     def run(self):
@@ -651,10 +655,13 @@ def goals(b: Bench):
         format(SCALE_POINTS[-2], ","), format(SCALE_POINTS[-1], ","), CIDR_RATIO, LINEAR_TOLERANCE * CIDR_RATIO),
         ", ".join(details), verdict(ok)))
     if "fleet20.first" in b.results:
+        floor_note = ""
+        if "fleet20.floor" in b.results:
+            floor_note = " (floor playbook %.2fx)" % (b.med("fleet20.floor") / b.med("fleet1.floor"))
         for what, text in (("first", "converge"), ("noop", "no-op re-run")):
             one, many = b.med("fleet1." + what), b.med("fleet20." + what)
             out.append(("20 hosts (forks %d) <= 3x one host, %s" % (FLEET_FORKS, text),
-                        "%.2f / %.2f s = %.2fx" % (many, one, many / one), verdict(many / one <= 3.0)))
+                        "%.2f / %.2f s = %.2fx%s" % (many, one, many / one, floor_note), verdict(many / one <= 3.0)))
     else:
         out.append(("20 hosts (forks %d) <= 3x one host" % FLEET_FORKS, "not measured", verdict(None)))
     return out
@@ -748,7 +755,10 @@ def report(b: Bench, machine, load_before, load_after):
     if "fleet20.first" in r:
         add("fleet: the capture role, forks %d%s n  1 host   20 hosts  ratio   CPU 1 / 20 hosts"
             % (FLEET_FORKS, " " * 13))
-        for what, text in (("first", "converge (fresh hosts)"), ("noop", "no-op re-run")):
+        for what, text in (("first", "converge (fresh hosts)"), ("noop", "no-op re-run"),
+                           ("floor", "reference: the floor playbook")):
+            if "fleet20." + what not in r:
+                continue
             one, many = b.med("fleet1." + what), b.med("fleet20." + what)
             add("  %-36s %2d %7s %9s %6.2fx   %s / %s" % (
                 text, len(r["fleet20." + what]), fmt_s(one), fmt_s(many), many / one,
@@ -760,6 +770,11 @@ def report(b: Bench, machine, load_before, load_after):
             bound = b.med("fleet20.%s.cpu" % what) / ncpu
             add("  %s: 20 hosts' CPU time / %d CPUs = %s s = %.2fx one host: the least the ratio can be on this "
                 "machine" % (text, ncpu, fmt_s(bound), bound / b.med("fleet1." + what)))
+        if "fleet20.floor" in r:
+            floor = b.med("fleet20.floor") / b.med("fleet1.floor")
+            add("  the floor playbook, one ansible.builtin.ping per host, measures %.2fx: %s" % (
+                floor, "no role that runs a module on every host can meet the 3x goal on this machine"
+                if floor > 3.0 else "the 3x goal is within reach of a role on this machine"))
         add("")
     top = "scale%d" % SCALE_POINTS[-1]
     add("memory: peak RSS (VmHWM) of the module process at %s CIDRs + %s ports (%s rules): %.1f MiB first apply,"

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PLUGINS = [("module", "meshcapture.sidecar.rules"), ("module", "meshcapture.sidecar.routes"),
            ("module", "meshcapture.sidecar.probe"), ("module", "meshcapture.sidecar.persist"),
            ("connection", "meshcapture.sidecar.netns"),
-           ("filter", "meshcapture.sidecar.cluster_env")]
+           ("filter", "meshcapture.sidecar.cluster_env"), ("filter", "meshcapture.sidecar.capture_plan")]
 
 pytestmark = pytest.mark.skipif(not shutil.which("ansible-galaxy"), reason="ansible-core not on PATH")
 
@@ -26,7 +26,7 @@ def test_collection_builds(tmp_path):
         manifest = json.load(tar.extractfile("MANIFEST.json"))
     assert manifest["collection_info"]["license"] == ["Apache-2.0"]
     for path in ("plugins/modules/rules.py", "plugins/modules/routes.py", "plugins/modules/persist.py",
-                 "roles/capture/tasks/main.yml",
+                 "roles/capture/tasks/main.yml", "roles/capture/files/meshcapture-restore.sh",
                  "plugins/connection/netns.py", "meta/runtime.yml"):
         assert path in names
     assert not any(name.startswith((".cache", ".venv")) for name in names)

@@ -1,16 +1,17 @@
 #!/bin/sh
 # Managed by Ansible (meshcapture.sidecar.capture).
 # Restores the Istio sidecar traffic capture at boot (systemd unit
-# {{ __capture_unit_name }}): the iptables rules from rules.v4 / rules.v6, the
-# TPROXY policy routing and the IPv6 inbound address from routes.env.
+# meshcapture-capture.service): the iptables rules from rules.v4 / rules.v6,
+# the TPROXY policy routing and the IPv6 inbound address from routes.env,
+# all in the directory of this script. The script itself is the same on
+# every host; routes.env holds the settings.
 # Idempotent: a ruleset already in place (ISTIO_OUTPUT in the nat table) is
 # left alone, and routing objects are added only when missing.
 set -u
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH LC_ALL=C
 
-DIR={{ capture_persist_dir | quote }}
-SUFFIX={{ 'legacy' if __capture_rules.backend == 'iptables-legacy' else 'nft' }}
+DIR=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd) || exit 1
 status=0
 
 log() { echo "meshcapture-restore: $*"; }
@@ -18,6 +19,12 @@ fail() { log "ERROR: $*" >&2; status=1; }
 
 # shellcheck disable=SC1091
 . "$DIR/routes.env" || { log "ERROR: cannot read $DIR/routes.env" >&2; exit 1; }
+# The iptables variant the rules were applied with (iptables-nft-restore or
+# iptables-legacy-restore); routes.env of older releases does not say: nft.
+case "${MESHCAPTURE_IPTABLES_BACKEND:-iptables-nft}" in
+    iptables-legacy) SUFFIX=legacy ;;
+    *) SUFFIX=nft ;;
+esac
 
 ipv6_usable() {
     [ -e /proc/net/if_inet6 ] && [ "$(cat /proc/sys/net/ipv6/conf/lo/disable_ipv6 2>/dev/null || echo 1)" = 0 ]

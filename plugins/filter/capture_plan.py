@@ -1,0 +1,189 @@
+# -*- coding: utf-8 -*-
+# Copyright: meshcapture.sidecar contributors
+# Apache License 2.0 (see LICENSE)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+name: capture_plan
+short_description: What the capture role passes to its modules on one host
+version_added: 0.1.0
+author:
+  - meshcapture maintainers (@meshcapture)
+description:
+  - Internal to the M(meshcapture.sidecar.capture) role, which calls it once per host. One filter call
+    instead of a dozen Jinja expressions, because Ansible compiles every template again on every host.
+  - Merges the role's explicit variables over the settings of an Istio C(cluster.env) (see
+    P(meshcapture.sidecar.cluster_env#filter)); variables that are null are left out, so the module
+    defaults apply.
+  - Computes the connection guard (C(capture_connection_guard)) for O(state=present), the TPROXY policy
+    routing and IPv6 inbound address wanted now, and the ones a previous run recorded in C(routes.env).
+options:
+  _input:
+    description: The names of the M(meshcapture.sidecar.rules) options the role passes on.
+    type: list
+    elements: str
+    required: true
+  values:
+    description: The values of the role variables C(capture_<name>), in the order of the names; null when unset.
+    type: list
+    elements: raw
+    required: true
+  cluster_env_content:
+    description: The C(cluster.env) file as C(ansible.builtin.slurp) returns it (base64); null when not read.
+    type: str
+  routes_env_content:
+    description: The C(routes.env) of a previous run as C(ansible.builtin.slurp) returns it (base64); null when there is none.
+    type: str
+  state:
+    description: The role's C(capture_state); the guard applies to V(present) only.
+    type: str
+    default: present
+  connection_guard:
+    description: The role's C(capture_connection_guard).
+    type: bool
+    default: true
+  port:
+    description: The port Ansible is connected on (C(ansible_port)).
+    type: int
+    default: 22
+"""
+
+EXAMPLES = r"""
+- name: Compute what the role passes to its modules
+  ansible.builtin.set_fact:
+    plan: >-
+      {{ names | meshcapture.sidecar.capture_plan(
+           values=query('ansible.builtin.vars', *(names | map('regex_replace', '^', 'capture_'))),
+           cluster_env_content=cluster_env_file.content | default(none),
+           routes_env_content=routes_env_file.content | default(none),
+           state='present', connection_guard=true, port=ansible_port | default(22)) }}
+  vars:
+    names: [inbound_ports_include, inbound_ports_exclude, inbound_interception_mode]
+"""
+
+RETURN = r"""
+_value:
+  description: The plan.
+  type: dict
+  contains:
+    options:
+      description: The explicit variables over the C(cluster.env) settings, keyed by option name.
+      type: dict
+    rules_args:
+      description:
+        - The M(meshcapture.sidecar.rules) arguments, O(options) with the connection port added to
+          C(inbound_ports_exclude) when the guard needs it.
+      type: dict
+    guard:
+      description: The connection guard.
+      type: dict
+      contains:
+        port: {description: The connection port., type: int}
+        refuse: {description: The inbound ports name the connection port; the role fails., type: bool}
+        needed: {description: "Inbound ports are V(*): the port is added to the exclusions.", type: bool}
+        excluded: {description: The inbound exclusions with the connection port added., type: list, elements: str}
+    routes_wanted:
+      description: The policy routing wanted now (keys C(tproxy), C(mark), C(table), C(ipv6)).
+      type: dict
+    routes_previous:
+      description: The policy routing recorded by a previous run (same keys), null when there is no record.
+      type: dict
+"""
+
+import base64
+import binascii
+
+from ansible.errors import AnsibleFilterError
+from ansible.module_utils.common.text.converters import to_text
+from ansible.module_utils.parsing.convert_bool import boolean
+from ansible.module_utils.six import string_types
+from ansible_collections.meshcapture.sidecar.plugins.filter.cluster_env import cluster_env
+
+
+def _int(value, default=0):
+    """Jinja's int filter: an int, else int(float), else the default."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return default
+
+
+def _bool(value):
+    return boolean(value, strict=False)
+
+
+def _items(value):
+    """A port list as the rules module reads it: a list or a comma-separated string; stripped, no blanks."""
+    if value is None:
+        return []
+    if isinstance(value, string_types):
+        value = value.split(",")
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    return [item for item in (to_text(v).strip() for v in value) if item]
+
+
+def _decode(name, content):
+    if content is None:
+        return None
+    try:
+        return to_text(base64.b64decode(content, validate=True), errors="surrogate_or_strict")
+    except (TypeError, ValueError, binascii.Error) as exc:
+        raise AnsibleFilterError("capture_plan: %s is not base64 (%s)" % (name, exc))
+
+
+def capture_plan(names, values, cluster_env_content=None, routes_env_content=None, state="present",
+                 connection_guard=True, port=22):
+    """The rules arguments, connection guard and policy routing (wanted, previous) of one host."""
+    names, values = list(names), list(values)
+    if len(names) != len(values):
+        raise AnsibleFilterError("capture_plan: %d option names but %d values" % (len(names), len(values)))
+    text = _decode("cluster_env_content", cluster_env_content)
+    options = cluster_env(text) if text is not None else {}
+    options.update((name, value) for name, value in zip(names, values) if value is not None)
+
+    port = _int(port if port is not None else 22)
+    guard_on = state == "present" and _bool(connection_guard)
+    inbound = _items(options.get("inbound_ports_include"))
+    excluded = _items(options.get("inbound_ports_exclude"))
+    refuse = guard_on and port in [_int(p) for p in inbound if p != "*"]
+    needed = guard_on and inbound == ["*"] and port not in [_int(p) for p in excluded]
+    guard_excluded = excluded + [str(port)]
+    rules_args = dict(options, inbound_ports_exclude=guard_excluded) if needed else dict(options)
+
+    routes_wanted = {
+        "tproxy": options.get("inbound_interception_mode", "REDIRECT") == "TPROXY",
+        "mark": _int(options.get("inbound_tproxy_mark", 1337)),
+        "table": _int(options.get("inbound_tproxy_route_table", 133)),
+        "ipv6": _bool(options.get("enable_inbound_ipv6", False)),
+    }
+    routes_previous = None
+    text = _decode("routes_env_content", routes_env_content)
+    if text is not None:
+        previous = cluster_env(text, raw=True)
+        routes_previous = {
+            "tproxy": _bool(previous.get("MESHCAPTURE_TPROXY_ROUTES", "false")),
+            "mark": _int(previous.get("MESHCAPTURE_TPROXY_MARK", 1337)),
+            "table": _int(previous.get("MESHCAPTURE_TPROXY_ROUTE_TABLE", 133)),
+            "ipv6": _bool(previous.get("MESHCAPTURE_INBOUND_IPV6", "false")),
+        }
+    return {
+        "options": options,
+        "rules_args": rules_args,
+        "guard": {"port": port, "refuse": refuse, "needed": needed, "excluded": guard_excluded},
+        "routes_wanted": routes_wanted,
+        "routes_previous": routes_previous,
+    }
+
+
+class FilterModule(object):
+    """meshcapture.sidecar filters."""
+
+    def filters(self):
+        return {"capture_plan": capture_plan}
