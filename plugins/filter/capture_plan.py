@@ -31,11 +31,18 @@ options:
     type: list
     elements: raw
     required: true
-  cluster_env_content:
-    description: The C(cluster.env) file as C(ansible.builtin.slurp) returns it (base64); null when not read.
-    type: str
-  routes_env_content:
-    description: The C(routes.env) of a previous run as C(ansible.builtin.slurp) returns it (base64); null when there is none.
+  read:
+    description:
+      - The registered result of the role's read task (C(ansible.builtin.raw)), whose output has a section per
+        file - a line C(#meshcapture-file cluster.env) or C(#meshcapture-file routes.env), then the file's
+        content or the single line C(#meshcapture-missing) when the file does not exist or cannot be read.
+      - Output before the first section (a shell's greeting) and carriage returns (a TTY) are ignored.
+      - Null (nothing read) means neither file exists.
+    type: dict
+  cluster_env_path:
+    description:
+      - The role's C(capture_cluster_env), for the error message when it names a file that cannot be read.
+      - When set and O(state=present), the C(cluster.env) section must hold the file.
     type: str
   state:
     description: The role's C(capture_state); the guard applies to V(present) only.
@@ -57,8 +64,7 @@ EXAMPLES = r"""
     plan: >-
       {{ names | meshcapture.sidecar.capture_plan(
            values=query('ansible.builtin.vars', *(names | map('regex_replace', '^', 'capture_'))),
-           cluster_env_content=cluster_env_file.content | default(none),
-           routes_env_content=routes_env_file.content | default(none),
+           read=read_result, cluster_env_path='/var/lib/istio/envoy/cluster.env',
            state='present', connection_guard=true, port=ansible_port | default(22)) }}
   vars:
     names: [inbound_ports_include, inbound_ports_exclude, inbound_interception_mode]
@@ -93,8 +99,10 @@ _value:
       type: dict
 """
 
-import base64
-import binascii
+try:
+    from collections.abc import Mapping
+except ImportError:  # Python 2
+    from collections import Mapping
 
 from ansible.errors import AnsibleFilterError
 from ansible.module_utils.common.text.converters import to_text
@@ -129,23 +137,49 @@ def _items(value):
     return [item for item in (to_text(v).strip() for v in value) if item]
 
 
-def _decode(name, content):
-    if content is None:
-        return None
-    try:
-        return to_text(base64.b64decode(content, validate=True), errors="surrogate_or_strict")
-    except (TypeError, ValueError, binascii.Error) as exc:
-        raise AnsibleFilterError("capture_plan: %s is not base64 (%s)" % (name, exc))
+SECTION = "#meshcapture-file "
+MISSING = "#meshcapture-missing"
 
 
-def capture_plan(names, values, cluster_env_content=None, routes_env_content=None, state="present",
-                 connection_guard=True, port=22):
+def read_sections(read):
+    """{file name: text or None (missing)} from the output of the role's read task."""
+    if not read:
+        return {}
+    if not isinstance(read, Mapping):
+        raise AnsibleFilterError("capture_plan: read must be the registered result of the read task, got %s"
+                                 % type(read).__name__)
+    sections, name, lines = {}, None, []
+    for line in to_text(read.get("stdout") or "").splitlines():
+        line = line.rstrip("\r")
+        if name is None and SECTION in line:
+            # A greeting without a final newline runs into the first header.
+            line = line[line.index(SECTION):]
+        if line.startswith(SECTION):
+            if name is not None:
+                sections[name] = lines
+            name, lines = line[len(SECTION):].strip(), []
+        elif name is not None:
+            lines.append(line)
+    if name is not None:
+        sections[name] = lines
+    return dict((key, None if value[:1] == [MISSING] else "\n".join(value) + "\n")
+                for key, value in sections.items())
+
+
+def capture_plan(names, values, read=None, cluster_env_path=None, state="present", connection_guard=True, port=22):
     """The rules arguments, connection guard and policy routing (wanted, previous) of one host."""
     names, values = list(names), list(values)
     if len(names) != len(values):
         raise AnsibleFilterError("capture_plan: %d option names but %d values" % (len(names), len(values)))
-    text = _decode("cluster_env_content", cluster_env_content)
-    options = cluster_env(text) if text is not None else {}
+    files = read_sections(read)
+    if read and "routes.env" not in files:
+        raise AnsibleFilterError("capture_plan: the output of the read task has no routes.env section")
+    text = files.get("cluster.env")
+    if cluster_env_path and text is None and state == "present":
+        # An uninstall does not need the file (it may be gone already).
+        raise AnsibleFilterError("capture_cluster_env: %s does not exist on the host or cannot be read"
+                                 % cluster_env_path)
+    options = cluster_env(text) if text is not None and cluster_env_path else {}
     options.update((name, value) for name, value in zip(names, values) if value is not None)
 
     port = _int(port if port is not None else 22)
@@ -164,7 +198,7 @@ def capture_plan(names, values, cluster_env_content=None, routes_env_content=Non
         "ipv6": _bool(options.get("enable_inbound_ipv6", False)),
     }
     routes_previous = None
-    text = _decode("routes_env_content", routes_env_content)
+    text = files.get("routes.env")
     if text is not None:
         previous = cluster_env(text, raw=True)
         routes_previous = {

@@ -1,7 +1,7 @@
 """The capture role's edge cases, each on a throwaway namespace host: the
 connection guard refusing an explicit port, validation failing and rolling
 back, a mode switch cleaning up the old routing, capture_persist: false and an
-uninstall without the original variables. (The main paths run as molecule
+uninstall without the original variables, a missing cluster.env. (The main paths run as molecule
 scenarios, see molecule/.) Also the cluster_env filter's parsing.
 
 Everything the role writes goes below pytest's tmp_path.
@@ -116,6 +116,20 @@ def test_guard_refuses_an_explicit_connection_port(netns_factory, tmp_path):
     assert proc.returncode != 0
     assert "capture_inbound_ports_include includes port 22" in proc.stdout, proc.stdout
     assert "ISTIO" not in save(ns)
+
+
+@pytest.mark.netns
+def test_missing_cluster_env_fails_before_any_change(netns_factory, tmp_path):
+    ns = netns_factory("clenv")
+    missing = tmp_path / "no-such" / "cluster.env"
+    proc = run_role(ns, tmp_path, capture_cluster_env=str(missing))
+    assert proc.returncode != 0
+    assert "capture_cluster_env: %s does not exist on the host or cannot be read" % missing in proc.stdout, proc.stdout
+    assert "ISTIO" not in save(ns)
+    assert not (tmp_path / "host" / "persist").exists()
+    # An uninstall does not need the file.
+    proc = run_role(ns, tmp_path, capture_cluster_env=str(missing), capture_state="absent")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.netns

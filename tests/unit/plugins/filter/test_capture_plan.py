@@ -2,17 +2,33 @@
 cluster.env), the connection guard, the policy routing wanted now and the
 one a previous run recorded in routes.env, and its argument errors.
 
-cluster.env and routes.env are passed base64-encoded, as
-ansible.builtin.slurp returns them.
+cluster.env and routes.env come as the registered result of the role's read
+task (ansible.builtin.raw, the first task of roles/capture/tasks/main.yml):
+one section per file, a line "#meshcapture-file <name>" then the file's
+content and the newline of an echo, or the line "#meshcapture-missing".
 """
 
-import base64
+import os
+import re
+import shlex
+import subprocess
 
 import pytest
+import yaml
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.meshcapture.sidecar.plugins.filter.capture_plan import FilterModule, capture_plan
+from ansible_collections.meshcapture.sidecar.plugins.filter.capture_plan import (
+    FilterModule, capture_plan, read_sections)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+ROLE_TASKS = os.path.join(REPO, "roles", "capture", "tasks", "main.yml")
+
+# capture_cluster_env in the tests that read a cluster.env.
+CLUSTER_ENV_PATH = "/var/lib/istio/envoy/cluster.env"
+MISSING_CLUSTER_ENV = ("capture_cluster_env: /var/lib/istio/envoy/cluster.env does not exist on the host "
+                       "or cannot be read")
+NO_ROUTES_SECTION = "capture_plan: the output of the read task has no routes.env section"
 
 DEFAULT_ROUTES = {"tproxy": False, "mark": 1337, "table": 133, "ipv6": False}
 # The routes dicts hold real bools and ints (True == 1 would hide a mix-up).
@@ -44,18 +60,39 @@ ROLE_ROUTES_ENV = (
 )
 
 
-def b64(text):
-    """What ansible.builtin.slurp returns as content for a file holding text."""
-    return base64.b64encode(text.encode()).decode()
+def raw_stdout(cluster_env=None, routes_env=None):
+    """The output of the read task's shell for files holding these texts (None: the file is missing)."""
+    out = ""
+    for name, text in (("cluster.env", cluster_env), ("routes.env", routes_env)):
+        out += "#meshcapture-file %s\n" % name  # printf '#meshcapture-file %s\n' "$1"
+        if text is None:
+            out += "#meshcapture-missing\n"  # echo '#meshcapture-missing'
+        else:
+            out += text + "\n"  # cat -- "$2"; echo
+    return out
+
+
+def raw_result(stdout):
+    """What ansible.builtin.raw registers for that output."""
+    return {"changed": False, "rc": 0, "stdout": stdout, "stdout_lines": stdout.splitlines(),
+            "stderr": "", "stderr_lines": []}
+
+
+def crlf(text):
+    """The output as it comes through a TTY (ansible.builtin.raw over ssh -tt)."""
+    return text.replace("\n", "\r\n")
 
 
 def plan(options=None, cluster_env=None, routes_env=None, **kwargs):
-    """capture_plan with the explicit options as a dict (None values included) and plain-text env files."""
+    """capture_plan with the explicit options as a dict (None values included) and plain-text env files.
+
+    The read task's result is built from the texts (None: missing); cluster_env_path is set when a
+    cluster.env text is given. Both can be overridden with the read and cluster_env_path keywords.
+    """
     options = options or {}
-    return capture_plan(list(options), list(options.values()),
-                        cluster_env_content=None if cluster_env is None else b64(cluster_env),
-                        routes_env_content=None if routes_env is None else b64(routes_env),
-                        **kwargs)
+    kwargs.setdefault("read", raw_result(raw_stdout(cluster_env, routes_env)))
+    kwargs.setdefault("cluster_env_path", None if cluster_env is None else CLUSTER_ENV_PATH)
+    return capture_plan(list(options), list(options.values()), **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -110,11 +147,13 @@ def test_options_do_not_touch_the_arguments():
     names = ("proxy_port", "inbound_ports_exclude")
     excluded = ["15090"]
     values = [None, excluded]
-    result = capture_plan(names, values, cluster_env_content=b64("ISTIO_INBOUND_PORTS='*'\n"))
+    read = raw_result(raw_stdout("ISTIO_INBOUND_PORTS='*'\n"))
+    result = capture_plan(names, values, read=read, cluster_env_path=CLUSTER_ENV_PATH)
     assert result["rules_args"]["inbound_ports_exclude"] == ["15090", "22"]
     assert result["options"]["inbound_ports_exclude"] is excluded
     assert excluded == ["15090"]
     assert values == [None, ["15090"]]
+    assert read == raw_result(raw_stdout("ISTIO_INBOUND_PORTS='*'\n"))
 
 
 def test_whole_plan():
@@ -421,35 +460,358 @@ def test_length_mismatch(names, values, message):
     assert str(excinfo.value) == message
 
 
-@pytest.mark.parametrize("kwargs, prefix", [
-    pytest.param({"routes_env_content": "not base64!"},
-                 "capture_plan: routes_env_content is not base64 (", id="routes-env-bad-characters"),
-    pytest.param({"routes_env_content": "abc"},
-                 "capture_plan: routes_env_content is not base64 (", id="routes-env-bad-padding"),
-    pytest.param({"routes_env_content": "\u00e9t\u00e9"},
-                 "capture_plan: routes_env_content is not base64 (", id="routes-env-non-ascii"),
-    pytest.param({"routes_env_content": "TUVTSENBUFRVUkVfVFBST1hZX1JPVVRFUz10cnVlCg==\n"},
-                 "capture_plan: routes_env_content is not base64 (", id="routes-env-trailing-newline"),
-    pytest.param({"routes_env_content": "TUVTSENBUFRVUkVfVFBST1hZX1JPVVRFUz10cnVlCg==", "cluster_env_content": "*"},
-                 "capture_plan: cluster_env_content is not base64 (", id="cluster-env-bad-characters"),
-])
-def test_not_base64(kwargs, prefix):
-    with pytest.raises(AnsibleFilterError) as excinfo:
-        capture_plan([], [], **kwargs)
-    assert str(excinfo.value).startswith(prefix)
-    assert str(excinfo.value).endswith(")")
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    pytest.param({"cluster_env_content": b64("ISTIO_INBOUND_PORTS='*'\ngarbage\n")},
+@pytest.mark.parametrize("cluster_env, routes_env, message", [
+    pytest.param("ISTIO_INBOUND_PORTS='*'\ngarbage\n", None,
                  "cluster_env: line 2 is not KEY=VALUE: 'garbage'", id="cluster-env-not-key-value"),
-    pytest.param({"routes_env_content": b64("MESHCAPTURE_TPROXY_MARK='1400\n")},
+    pytest.param("ISTIO_INBOUND_PORTS='*'\ngarbage", None,
+                 "cluster_env: line 2 is not KEY=VALUE: 'garbage'", id="cluster-env-not-key-value-no-final-newline"),
+    pytest.param(None, "MESHCAPTURE_TPROXY_MARK='1400\n",
                  "cluster_env: line 1: unterminated ' quote", id="routes-env-unterminated-quote"),
 ])
-def test_env_parse_errors(kwargs, message):
+def test_env_parse_errors(cluster_env, routes_env, message):
     with pytest.raises(AnsibleFilterError) as excinfo:
-        capture_plan([], [], **kwargs)
+        plan(cluster_env=cluster_env, routes_env=routes_env)
     assert str(excinfo.value) == message
+
+
+@pytest.mark.parametrize("read, cluster_env_path, state", [
+    pytest.param(raw_result(raw_stdout()), CLUSTER_ENV_PATH, "present",
+                 id="both-missing"),
+    pytest.param(raw_result(raw_stdout(None, ROLE_ROUTES_ENV)), CLUSTER_ENV_PATH, "present",
+                 id="routes-env-present"),
+    pytest.param(raw_result(crlf(raw_stdout(None, ROLE_ROUTES_ENV))), CLUSTER_ENV_PATH, "present",
+                 id="crlf"),
+    pytest.param(raw_result("#meshcapture-file routes.env\n#meshcapture-missing\n"), CLUSTER_ENV_PATH, "present",
+                 id="no-cluster-env-section"),
+    pytest.param(None, CLUSTER_ENV_PATH, "present",
+                 id="read-none"),
+    pytest.param({}, CLUSTER_ENV_PATH, "present",
+                 id="read-empty"),
+    pytest.param(raw_result(raw_stdout()), CLUSTER_ENV_PATH, None,
+                 id="default-state"),
+])
+def test_missing_cluster_env(read, cluster_env_path, state):
+    kwargs = {} if state is None else {"state": state}
+    with pytest.raises(AnsibleFilterError) as excinfo:
+        capture_plan(["backend"], ["iptables-nft"], read=read, cluster_env_path=cluster_env_path, **kwargs)
+    assert str(excinfo.value) == MISSING_CLUSTER_ENV
+
+
+def test_missing_cluster_env_names_the_path():
+    with pytest.raises(AnsibleFilterError) as excinfo:
+        plan(read=raw_result(raw_stdout()), cluster_env_path="/etc/istio env/it's cluster.env")
+    assert str(excinfo.value) == ("capture_cluster_env: /etc/istio env/it's cluster.env does not exist on the host "
+                                  "or cannot be read")
+
+
+@pytest.mark.parametrize("read, options, previous", [
+    pytest.param(raw_result(raw_stdout()), {"backend": "iptables-nft"}, None,
+                 id="both-missing"),
+    pytest.param(raw_result(raw_stdout(None, ROLE_ROUTES_ENV)), {"backend": "iptables-nft"},
+                 {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False},
+                 id="routes-env-present"),
+    pytest.param(None, {"backend": "iptables-nft"}, None,
+                 id="read-none"),
+    # The file is read when it is there.
+    pytest.param(raw_result(raw_stdout("ISTIO_INBOUND_PORTS='*'\n", ROLE_ROUTES_ENV)),
+                 {"backend": "iptables-nft", "inbound_ports_include": "*"},
+                 {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False},
+                 id="cluster-env-present"),
+])
+def test_missing_cluster_env_absent(read, options, previous):
+    """An uninstall does not need cluster.env (it may be gone already)."""
+    result = plan({"backend": "iptables-nft", "proxy_port": None}, read=read, cluster_env_path=CLUSTER_ENV_PATH,
+                  state="absent")
+    assert result["options"] == result["rules_args"] == options
+    assert result["guard"] == {"port": 22, "refuse": False, "needed": False, "excluded": ["22"]}
+    assert result["routes_previous"] == previous
+
+
+@pytest.mark.parametrize("cluster_env_path, cluster_env, state", [
+    pytest.param("", None, "present", id="empty-path-missing"),
+    pytest.param(None, None, "present", id="none-path-missing"),
+    pytest.param("", None, "absent", id="empty-path-missing-absent"),
+    # Only a set capture_cluster_env is read (the role's shell prints the file only then).
+    pytest.param("", ISTIOCTL_CLUSTER_ENV, "present", id="empty-path-section-ignored"),
+    pytest.param(None, ISTIOCTL_CLUSTER_ENV, "present", id="none-path-section-ignored"),
+])
+def test_cluster_env_path_unset(cluster_env_path, cluster_env, state):
+    result = plan({"backend": "iptables-nft", "proxy_port": None, "inbound_ports_include": "8080"},
+                  cluster_env=cluster_env, routes_env=ROLE_ROUTES_ENV, cluster_env_path=cluster_env_path,
+                  state=state)
+    assert result["options"] == result["rules_args"] == {"backend": "iptables-nft", "inbound_ports_include": "8080"}
+    assert result["routes_previous"] == {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False}
+
+
+@pytest.mark.parametrize("read, cluster_env_path", [
+    pytest.param(raw_result(""), None, id="empty-stdout"),
+    pytest.param({"rc": 0}, None, id="no-stdout-key"),
+    pytest.param({"rc": 0, "stdout": None}, None, id="stdout-none"),
+    pytest.param(raw_result("Welcome to vm-1\nMESHCAPTURE_TPROXY_ROUTES=true\n"), None, id="noise-only"),
+    pytest.param(raw_result("#meshcapture-file cluster.env\n#meshcapture-missing\n"), None,
+                 id="cluster-env-section-only-missing"),
+    pytest.param(raw_result("#meshcapture-file cluster.env\nISTIO_INBOUND_PORTS='*'\n\n"), CLUSTER_ENV_PATH,
+                 id="cluster-env-section-only-present"),
+    pytest.param(raw_result("#meshcapture-file cluster.env\n#meshcapture-file routes\n#meshcapture-missing\n"),
+                 None, id="other-section-name"),
+    pytest.param(raw_result("#meshcapture-file cluster.env\r\n#meshcapture-missing\r\n"), None,
+                 id="crlf-cluster-env-section-only"),
+    # The section check comes before the cluster.env check.
+    pytest.param(raw_result("#meshcapture-file cluster.env\n#meshcapture-missing\n"), CLUSTER_ENV_PATH,
+                 id="cluster-env-missing-too"),
+])
+def test_no_routes_env_section(read, cluster_env_path):
+    with pytest.raises(AnsibleFilterError) as excinfo:
+        capture_plan([], [], read=read, cluster_env_path=cluster_env_path)
+    assert str(excinfo.value) == NO_ROUTES_SECTION
+
+
+@pytest.mark.parametrize("read, message", [
+    pytest.param(raw_stdout(None, ROLE_ROUTES_ENV),
+                 "capture_plan: read must be the registered result of the read task, got str",
+                 id="stdout-instead-of-result"),
+    pytest.param(raw_stdout(None, ROLE_ROUTES_ENV).splitlines(),
+                 "capture_plan: read must be the registered result of the read task, got list",
+                 id="stdout-lines-instead-of-result"),
+    pytest.param(("stdout", raw_stdout()),
+                 "capture_plan: read must be the registered result of the read task, got tuple",
+                 id="tuple"),
+    pytest.param(1, "capture_plan: read must be the registered result of the read task, got int",
+                 id="int"),
+    pytest.param(True, "capture_plan: read must be the registered result of the read task, got bool",
+                 id="bool"),
+])
+def test_read_not_a_mapping(read, message):
+    with pytest.raises(AnsibleFilterError) as excinfo:
+        capture_plan([], [], read=read)
+    assert str(excinfo.value) == message
+    with pytest.raises(AnsibleFilterError) as excinfo:
+        read_sections(read)
+    assert str(excinfo.value) == message
+
+
+# ---------------------------------------------------------------------------
+# The read task's output
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("read, sections", [
+    pytest.param(None, {},
+                 id="none"),
+    pytest.param({}, {},
+                 id="empty-dict"),
+    pytest.param({"rc": 0}, {},
+                 id="no-stdout-key"),
+    pytest.param({"rc": 0, "stdout": None}, {},
+                 id="stdout-none"),
+    pytest.param(raw_result(""), {},
+                 id="empty-stdout"),
+    pytest.param(raw_result("Welcome\n#meshcapture-missing\nA=1\n"), {},
+                 id="noise-only"),
+    pytest.param(raw_result(raw_stdout()), {"cluster.env": None, "routes.env": None},
+                 id="both-missing"),
+    # cat then echo: a file that ends with a newline gets a blank line more.
+    pytest.param(raw_result(raw_stdout("A=1\n", "B=2\nC=3\n")),
+                 {"cluster.env": "A=1\n\n", "routes.env": "B=2\nC=3\n\n"},
+                 id="final-newline-plus-echo"),
+    pytest.param(raw_result(raw_stdout("A=1", "B=2\nC=3")), {"cluster.env": "A=1\n", "routes.env": "B=2\nC=3\n"},
+                 id="no-final-newline"),
+    pytest.param(raw_result(raw_stdout("", "")), {"cluster.env": "\n", "routes.env": "\n"},
+                 id="empty-files"),
+    pytest.param(raw_result(raw_stdout("\n", None)), {"cluster.env": "\n\n", "routes.env": None},
+                 id="newline-only-file"),
+    pytest.param(raw_result(crlf(raw_stdout("A=1\nB=2\n", None))), {"cluster.env": "A=1\nB=2\n\n", "routes.env": None},
+                 id="crlf"),
+    pytest.param(raw_result(crlf(raw_stdout("", "B=2"))), {"cluster.env": "\n", "routes.env": "B=2\n"},
+                 id="crlf-empty-file-and-no-final-newline"),
+    pytest.param(raw_result("Last login: Mon Jan  1 00:00:00 2024\nISTIO_INBOUND_PORTS=22\n#meshcapture-missing\n"
+                            + raw_stdout(None, "B=2\n")),
+                 {"cluster.env": None, "routes.env": "B=2\n\n"},
+                 id="noise-before-first-section"),
+    # The marker means missing as the first line of a section only.
+    pytest.param(raw_result(raw_stdout("A=1\n#meshcapture-missing\n", None)),
+                 {"cluster.env": "A=1\n#meshcapture-missing\n\n", "routes.env": None},
+                 id="missing-marker-later-is-content"),
+    pytest.param(raw_result("#meshcapture-file routes.env \t\n#meshcapture-missing\n"), {"routes.env": None},
+                 id="section-name-stripped"),
+    pytest.param(raw_result(raw_stdout(None, "B=2").rstrip("\n")), {"cluster.env": None, "routes.env": "B=2\n"},
+                 id="stdout-without-final-newline"),
+    pytest.param(raw_result("#meshcapture-file routes.env\n#meshcapture-missing\n"
+                            "#meshcapture-file cluster.env\nA=1\n"),
+                 {"cluster.env": "A=1\n", "routes.env": None},
+                 id="other-order"),
+])
+def test_read_sections(read, sections):
+    assert read_sections(read) == sections
+
+
+@pytest.mark.parametrize("read", [
+    pytest.param(None, id="none"),
+    pytest.param({}, id="empty-dict"),
+])
+def test_nothing_read_is_both_missing(read):
+    explicit = {"backend": "iptables-nft", "inbound_ports_include": "*"}
+    assert plan(explicit, read=read) == plan(explicit) == {
+        "options": {"backend": "iptables-nft", "inbound_ports_include": "*"},
+        "rules_args": {"backend": "iptables-nft", "inbound_ports_include": "*", "inbound_ports_exclude": ["22"]},
+        "guard": {"port": 22, "refuse": False, "needed": True, "excluded": ["22"]},
+        "routes_wanted": DEFAULT_ROUTES,
+        "routes_previous": None,
+    }
+
+
+@pytest.mark.parametrize("noise", [
+    pytest.param("Welcome to vm-1!\n\n", id="greeting"),
+    pytest.param("Last login: Mon Jan  1 00:00:00 2024 from 10.0.0.1\r\n", id="last-login-crlf"),
+    pytest.param("ISTIO_INBOUND_PORTS='22'\nMESHCAPTURE_TPROXY_ROUTES=true\n", id="key-value-lines"),
+    pytest.param("#meshcapture-missing\n", id="missing-marker"),
+    pytest.param("# meshcapture-file routes.env\n#meshcapture-fileroutes.env\n", id="near-miss-section-lines"),
+    pytest.param("Welcome to vm-1!", id="greeting-without-newline"),
+    pytest.param("\x1b]0;vm-1\x07", id="terminal-title-without-newline"),
+])
+def test_noise_before_first_section(noise):
+    explicit = {"proxy_port": None}
+    expected = plan(explicit, cluster_env=ISTIOCTL_CLUSTER_ENV, routes_env=ROLE_ROUTES_ENV)
+    result = plan(explicit, cluster_env=ISTIOCTL_CLUSTER_ENV, routes_env=ROLE_ROUTES_ENV,
+                  read=raw_result(noise + raw_stdout(ISTIOCTL_CLUSTER_ENV, ROLE_ROUTES_ENV)))
+    assert result == expected
+    assert result["options"] == {"inbound_ports_include": "*", "inbound_ports_exclude": "15090,15021,15020",
+                                 "redirect_dns": "true", "outbound_ip_ranges_include": "*"}
+    assert result["routes_previous"] == {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False}
+
+
+@pytest.mark.parametrize("cluster_env, routes_env, options, previous", [
+    pytest.param(ISTIOCTL_CLUSTER_ENV, ROLE_ROUTES_ENV,
+                 {"inbound_ports_include": "*", "inbound_ports_exclude": "15090,15021,15020",
+                  "redirect_dns": "true", "outbound_ip_ranges_include": "*"},
+                 {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False},
+                 id="both-files"),
+    pytest.param(None, ROLE_ROUTES_ENV, {}, {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False},
+                 id="cluster-env-missing"),
+    pytest.param("ISTIO_INBOUND_INTERCEPTION_MODE=TPROXY\n", None, {"inbound_interception_mode": "TPROXY"}, None,
+                 id="routes-env-missing"),
+    pytest.param(None, None, {}, None,
+                 id="both-missing"),
+    pytest.param("", "", {}, DEFAULT_ROUTES,
+                 id="empty-files"),
+    pytest.param("ISTIO_INBOUND_PORTS='8080'", "MESHCAPTURE_INBOUND_IPV6=true",
+                 {"inbound_ports_include": "8080"}, {"tproxy": False, "mark": 1337, "table": 133, "ipv6": True},
+                 id="no-final-newlines"),
+    # A file with CRLF line ends comes through a TTY as CR CR LF.
+    pytest.param("ISTIO_INBOUND_PORTS='8080'\r\n", "MESHCAPTURE_TPROXY_MARK=1400\r\n",
+                 {"inbound_ports_include": "8080"}, {"tproxy": False, "mark": 1400, "table": 133, "ipv6": False},
+                 id="crlf-files"),
+])
+def test_crlf_output(cluster_env, routes_env, options, previous):
+    """Through a TTY every line ends with CR LF: the plan is the same."""
+    lf = plan(cluster_env=cluster_env, routes_env=routes_env)
+    tty = plan(cluster_env=cluster_env, routes_env=routes_env,
+               read=raw_result(crlf(raw_stdout(cluster_env, routes_env))))
+    assert tty == lf
+    assert tty["options"] == options
+    assert tty["routes_previous"] == previous
+
+
+@pytest.mark.parametrize("cluster_env, routes_env, options, previous", [
+    pytest.param("", None, {"backend": "iptables-nft"}, None,
+                 id="empty-cluster-env"),
+    pytest.param(None, "", {"backend": "iptables-nft"}, DEFAULT_ROUTES,
+                 id="empty-routes-env"),
+    pytest.param("", "", {"backend": "iptables-nft"}, DEFAULT_ROUTES,
+                 id="both-empty"),
+])
+def test_empty_files(cluster_env, routes_env, options, previous):
+    """An empty file is a section with only the newline of the echo: it exists, with nothing in it."""
+    read = raw_result(raw_stdout(cluster_env, routes_env))
+    assert read["stdout"].count("\n\n") == [cluster_env, routes_env].count("")
+    result = plan({"backend": "iptables-nft", "proxy_port": None}, cluster_env=cluster_env, routes_env=routes_env,
+                  read=read)
+    assert result["options"] == result["rules_args"] == options
+    assert result["routes_wanted"] == DEFAULT_ROUTES
+    assert result["routes_previous"] == previous
+
+
+@pytest.mark.parametrize("cluster_env, routes_env, options, previous", [
+    pytest.param("ISTIO_INBOUND_PORTS='*'\nISTIO_LOCAL_EXCLUDE_PORTS='15090'", None,
+                 {"inbound_ports_include": "*", "inbound_ports_exclude": "15090"}, None,
+                 id="cluster-env"),
+    pytest.param(None, "MESHCAPTURE_TPROXY_ROUTES=true\nMESHCAPTURE_TPROXY_MARK=1400",
+                 {}, {"tproxy": True, "mark": 1400, "table": 133, "ipv6": False},
+                 id="routes-env"),
+    pytest.param("ISTIO_INBOUND_INTERCEPTION_MODE=TPROXY\n# the end", "MESHCAPTURE_TPROXY_ROUTE_TABLE=140",
+                 {"inbound_interception_mode": "TPROXY"}, {"tproxy": False, "mark": 1337, "table": 140, "ipv6": False},
+                 id="both-comment-last"),
+    pytest.param("ENVOY_PORT=15001", "MESHCAPTURE_INBOUND_IPV6=true",
+                 {"proxy_port": "15001"}, {"tproxy": False, "mark": 1337, "table": 133, "ipv6": True},
+                 id="both-single-line"),
+])
+def test_no_final_newline(cluster_env, routes_env, options, previous):
+    """cat then echo: the echo ends the last line of a file without a final newline."""
+    result = plan(cluster_env=cluster_env, routes_env=routes_env, connection_guard=False)
+    assert result["options"] == options
+    assert result["routes_previous"] == previous
+    assert result == plan(cluster_env=None if cluster_env is None else cluster_env + "\n",
+                          routes_env=None if routes_env is None else routes_env + "\n", connection_guard=False)
+
+
+# ---------------------------------------------------------------------------
+# The read task's shell, run for real
+# ---------------------------------------------------------------------------
+
+JINJA_RE = re.compile(r"\{\{.*?\}\}")
+
+
+def read_task_script(cluster_env_path, routes_env_path):
+    """The script of the role's read task with its two Jinja expressions replaced by quoted paths."""
+    with open(ROLE_TASKS) as tasks_file:
+        tasks = yaml.safe_load(tasks_file)
+    script = tasks[0].get("ansible.builtin.raw") if tasks and isinstance(tasks[0], dict) else None
+    if not isinstance(script, str):
+        pytest.fail("the first task of %s is not an ansible.builtin.raw task with a script: %r"
+                    % (ROLE_TASKS, tasks[0] if tasks else tasks))
+    expressions = JINJA_RE.findall(script)
+    cluster = [e for e in expressions if "capture_cluster_env" in e]
+    routes = [e for e in expressions if "routes.env" in e]
+    if len(expressions) != 2 or len(cluster) != 1 or len(routes) != 1 or cluster == routes:
+        pytest.fail("expected two Jinja expressions in the read task's script, one with capture_cluster_env "
+                    "and one with routes.env; found %r in:\n%s" % (expressions, script))
+    for expression, path in ((cluster[0], cluster_env_path), (routes[0], routes_env_path)):
+        if script.count(expression) != 1:
+            pytest.fail("%r occurs %d times in the read task's script" % (expression, script.count(expression)))
+        script = script.replace(expression, shlex.quote(path))
+    assert "{{" not in script and "}}" not in script, script
+    return script
+
+
+@pytest.mark.parametrize("cluster_env, routes_env, explicit, options, previous", [
+    pytest.param(ISTIOCTL_CLUSTER_ENV, ROLE_ROUTES_ENV, {"inbound_ports_exclude": "15090,22", "proxy_port": None},
+                 {"inbound_ports_include": "*", "inbound_ports_exclude": "15090,22",
+                  "redirect_dns": "true", "outbound_ip_ranges_include": "*"},
+                 {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False},
+                 id="both-files"),
+    # capture_cluster_env unset ('' after default('', true) | quote), no earlier run.
+    pytest.param(None, None, {"backend": "iptables-nft", "proxy_port": None}, {"backend": "iptables-nft"}, None,
+                 id="no-cluster-env-path-no-routes-env"),
+])
+def test_read_task_shell(tmp_path, cluster_env, routes_env, explicit, options, previous):
+    # Directory names that need quoting.
+    cluster_env_file = tmp_path / "istio's envoy" / "cluster.env"
+    routes_env_file = tmp_path / "persist dir" / "routes.env"
+    cluster_env_file.parent.mkdir()
+    routes_env_file.parent.mkdir()
+    cluster_env_path = ""
+    if cluster_env is not None:
+        cluster_env_file.write_text(cluster_env)
+        cluster_env_path = str(cluster_env_file)
+    if routes_env is not None:
+        routes_env_file.write_text(routes_env)
+    script = read_task_script(cluster_env_path, str(routes_env_file))
+    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True).stdout
+    # The helper the other tests use builds the same output.
+    assert out == raw_stdout(cluster_env, routes_env)
+    result = capture_plan(list(explicit), list(explicit.values()), read={"stdout": out, "rc": 0},
+                          cluster_env_path=cluster_env_path)
+    assert result["options"] == options
+    assert result["routes_previous"] == previous
 
 
 # ---------------------------------------------------------------------------
