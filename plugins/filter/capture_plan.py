@@ -99,15 +99,11 @@ _value:
       type: dict
 """
 
-try:
-    from collections.abc import Mapping
-except ImportError:  # Python 2
-    from collections import Mapping
-
 from ansible.errors import AnsibleFilterError
 from ansible.module_utils.common.text.converters import to_text
 from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.module_utils.six import string_types
+from ansible.module_utils.six.moves.collections_abc import Mapping
 from ansible_collections.meshcapture.sidecar.plugins.filter.cluster_env import cluster_env
 
 
