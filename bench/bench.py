@@ -809,7 +809,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, help="runs per variant (default 5, or 3 with --quick)")
     parser.add_argument("--per-rule-runs", type=int,
                         help="runs of the per-rule baseline (default 2, or 1 with --quick: 60-100 s each)")
-    parser.add_argument("--fleet-runs", type=int, help="runs of the fleet (default 1: 3-5 minutes each on 2 cores)")
+    parser.add_argument("--fleet-runs", type=int,
+                        help="runs of the fleet (default 3, or 1 with --quick: about 2 minutes each on 2 cores)")
     parser.add_argument("--skip-fleet", action="store_true", help="do not measure the role (its goal is then "
                                                                   "reported as not measured)")
     parser.add_argument("--time-limit", type=int, default=1800, help="abort after this many seconds (default 1800)")
@@ -818,7 +819,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 5)
     args.per_rule_runs = min(args.runs, args.per_rule_runs or (1 if args.quick else 2))
-    args.fleet_runs = min(args.runs, args.fleet_runs or 1)
+    args.fleet_runs = min(args.runs, args.fleet_runs or (1 if args.quick else 3))
     if min(args.runs, args.per_rule_runs, args.fleet_runs) < 1:
         parser.error("run counts must be at least 1")
     reason = netns.unavailable_reason()
