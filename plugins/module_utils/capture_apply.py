@@ -17,39 +17,36 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import difflib
 import hashlib
 import json
 import os
-import re
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import CaptureError
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_compare import FamilyPlan, plan_family
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import ApplyError, CaptureError
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules import (
     BUILTIN_CHAINS,
     FAMILIES,
     IPV4,
     IPV6,
-    TABLES,
     Ruleset,
     render_restore,
-    restore_line,
+)
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import (
+    added_by_restore,
+    format_owned,
+    parse_save,
+    select_tables,
+)
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import (
+    STATE_VERSION,
+    mtime,
+    current_netns_id,
+    write_atomic,
 )
 
 BACKENDS = ("iptables-nft", "iptables-legacy")
 _NFT_FAMILY = {IPV4: "ip", IPV6: "ip6"}
-STATE_VERSION = 1
-
-
-class ApplyError(CaptureError):
-    """A command failed; carries what fail_json wants."""
-
-    def __init__(self, msg, cmd=None, rc=None, stderr=None):
-        super(ApplyError, self).__init__(msg)
-        self.msg = msg
-        self.cmd = cmd
-        self.rc = rc
-        self.stderr = stderr
 
 
 def binary_names(backend):
@@ -87,326 +84,6 @@ def choose_backend(requested, legacy_loaded, legacy_rule_count):
     return "iptables-nft"
 
 
-def count_rules(save_text):
-    return sum(1 for line in save_text.splitlines() if line.startswith("-A "))
-
-
-# ---------------------------------------------------------------- parsing
-_COUNTERS = re.compile(r"^\[\d+:\d+\] ")
-
-
-class Table(object):
-    """One table of an iptables-save dump: chains in order, with their rules."""
-
-    def __init__(self, name):
-        self.name = name
-        self.policies = OrderedDict()  # chain -> policy ('-' for user chains)
-        self.rules = OrderedDict()  # chain -> [spec, ...]
-
-    def add_chain(self, chain, policy):
-        self.policies[chain] = policy
-        self.rules.setdefault(chain, [])
-
-    def user_chains(self):
-        return [c for c, p in self.policies.items() if c not in BUILTIN_CHAINS]
-
-
-def parse_save(text):
-    """{table: Table} from iptables-save output (comments ignored)."""
-    tables = OrderedDict()
-    table = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("["):  # iptables-save -c: "[pkts:bytes] -A ..."
-            line = _COUNTERS.sub("", line)
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            table = tables.setdefault(line[1:], Table(line[1:]))
-        elif line == "COMMIT":
-            table = None
-        elif table is None:
-            raise CaptureError("unexpected iptables-save line outside a table: %r" % line)
-        elif line.startswith(":"):
-            chain, policy = line[1:].split(" ", 2)[:2]
-            table.add_chain(chain, policy)
-        elif line.startswith("-A "):
-            chain, spec = (line[3:].split(" ", 1) + [""])[:2]
-            table.rules.setdefault(chain, []).append(spec)
-            table.policies.setdefault(chain, "-")
-        else:
-            raise CaptureError("unexpected iptables-save line: %r" % line)
-    return tables
-
-
-# ------------------------------------------------------------- ownership
-def is_capture_chain(chain):
-    """Chains in Istio's namespace belong to the capture."""
-    return chain.startswith("ISTIO_") and chain not in BUILTIN_CHAINS
-
-
-# Rules only a capture writes (in iptables-save's canonical form).
-_ISTIO_ONLY = re.compile(
-    r"(?:^| )-j ISTIO_[A-Z0-9_]+(?: |$)"
-    r"|-j NFLOG --nflog-prefix \"?(?:JumpInbound|JumpOutbound|ExcludeInboundPort|IncludeInboundPort|"
-    r"InboundCapture|KubevirtCommand|ExcludeInterfaceCommand)\"? --nflog-group 1337 "
-    r"|^(?:-d \S+ )?-p udp -m udp --dport 53 -j REDIRECT --to-ports 15053$"
-    r"|^-p udp -m udp --sport 15053 -m owner --[ug]id-owner \S+ -j CT --zone 2$"
-    r"|^! -d \S+ -o lo -p tcp -m owner --[ug]id-owner \S+ -j MARK --set-xmark 0x53a/0xffffffff$")
-# Rules of capture shape whose values must match the capture's (Signature).
-_UDP53_OWNER_RETURN = re.compile(r"^-p udp -m udp --dport 53 ((?:-m owner (?:! )?--[ug]id-owner \S+ ?)+)-j RETURN$")
-_UDP53_OWNER_ZONE1 = re.compile(r"^-p udp -m udp --dport 53 (-m owner --[ug]id-owner \S+) -j CT --zone 1$")
-_DNS_ZONE = re.compile(r"^(?:-d (\S+) )?-p udp -m udp --(dport 53 -j CT --zone 2|sport 53 -j CT --zone 1)$")
-_MARK_RULE = re.compile(
-    r"^(?:-p tcp -m mark --mark (\S+) -j CONNMARK --save-mark"
-    r"|-p tcp -m connmark --mark (\S+) -j CONNMARK --restore-mark"
-    r"|-o lo -p tcp -m mark --mark (\S+) -j RETURN$)")
-# Shapes other software could share too: ours only by the state record, or
-# when istio-iptables left a capture behind (ISTIO_* chains, no record).
-_IFACE_RETURN = re.compile(r"^-[io] (\S+) -j RETURN$")
-_INVALID_DROP = "-m conntrack --ctstate INVALID -j DROP"
-# What the ISTIO_* chains tell about the capture's values.
-_OWNER_RETURN = re.compile(r"^((?:-m owner (?:! )?--[ug]id-owner \S+ ?)+)-j RETURN$")
-_TCP_DNS_REDIRECT = re.compile(r"^(?:-d (\S+) )?-p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053$")
-_MARK_VALUE = re.compile(r"(?:--set-xmark|--tproxy-mark|-m mark --mark) (0x[0-9a-f]+)")
-_KUBEVIRT_JUMP = re.compile(r"^(?:-d \S+ )?-i (\S+) (?:-d \S+ )?-j ISTIO_REDIRECT$")
-
-
-class Signature(object):
-    """The values of a capture, read from the live ISTIO_* chains: which
-    owner matches, marks, DNS servers and kube-virt interfaces it uses."""
-
-    def __init__(self, tables):
-        self.owners, self.marks, self.dns, self.kubevirt = set(), set(), set(), set()
-        self.capture_all_dns = False
-        self.present = False
-        for table in tables.values():
-            for chain, specs in table.rules.items():
-                if is_capture_chain(chain):
-                    self._read_chain(specs)
-                elif chain == "PREROUTING" and table.name == "nat":
-                    self.kubevirt.update(m.group(1) for m in map(_KUBEVIRT_JUMP.match, specs) if m)
-            self.present = self.present or any(is_capture_chain(c) for c in table.policies)
-        # istio's excluded interfaces come in pairs: nat PREROUTING -i X and OUTPUT -o X.
-        nat = tables.get("nat") or Table("nat")
-        self.excluded = (self._iface_returns(nat, "PREROUTING") & self._iface_returns(nat, "OUTPUT"))
-
-    @staticmethod
-    def _iface_returns(table, chain):
-        return set(m.group(1) for m in map(_IFACE_RETURN.match, table.rules.get(chain, [])) if m)
-
-    def _read_chain(self, specs):
-        for spec in specs:
-            owner = _OWNER_RETURN.match(spec)
-            if owner:
-                self.owners.add(owner.group(1).strip())
-            dns = _TCP_DNS_REDIRECT.match(spec)
-            if dns:
-                if dns.group(1):
-                    self.dns.add(dns.group(1))
-                else:
-                    self.capture_all_dns = True
-            self.marks.update(_MARK_VALUE.findall(spec))
-
-    def matches(self, table, chain, spec):
-        """True when a built-in chain rule has a capture shape with this capture's values."""
-        if table == "nat" and chain == "OUTPUT":
-            m = _UDP53_OWNER_RETURN.match(spec)
-            return bool(m) and m.group(1).strip() in self.owners
-        if table == "nat" and chain == "PREROUTING":
-            m = _IFACE_RETURN.match(spec)
-            return bool(m) and m.group(1) in self.kubevirt
-        if table == "raw":
-            m = _UDP53_OWNER_ZONE1.match(spec)
-            if m and chain == "OUTPUT":
-                return m.group(1) in self.owners
-            m = _DNS_ZONE.match(spec)
-            if m and (chain == "OUTPUT") == m.group(2).startswith("dport"):
-                return m.group(1) in self.dns if m.group(1) else self.capture_all_dns
-            return False
-        if table == "mangle":
-            m = _MARK_RULE.match(spec)
-            return bool(m) and next(v for v in m.groups() if v) in self.marks
-        return False
-
-    def left_by_istio(self, table, chain, spec):
-        """Shapes other software could share, taken only for a capture that
-        istio-iptables left: interface RETURNs of istio's excluded-interface
-        pairs, and the INVALID DROP."""
-        if table not in ("nat", "mangle") or chain not in ("PREROUTING", "OUTPUT"):
-            return False
-        m = _IFACE_RETURN.match(spec)
-        if m:
-            return spec.startswith("-i " if chain == "PREROUTING" else "-o ") and m.group(1) in self.excluded
-        return table == "mangle" and chain == "PREROUTING" and spec == _INVALID_DROP
-
-
-def owned_builtin(table, chain, specs, signature, recorded, trust_generic):
-    """[(index, spec)] (1-based) of the capture's rules in a built-in chain.
-
-    A rule is ours when only a capture writes it; when it has a capture
-    shape with the values of the capture found in the ISTIO_* chains;
-    when the state record lists it (the latest copies of a spec are taken,
-    ours having been added last); or, for shapes other software could
-    share, when trust_generic (istio-iptables left a capture, no record).
-    """
-    owned = set()
-    for index, spec in enumerate(specs, 1):
-        if (_ISTIO_ONLY.search(spec) or signature.matches(table, chain, spec)
-                or (trust_generic and signature.left_by_istio(table, chain, spec))):
-            owned.add(index)
-    spare = Counter(recorded)
-    for index in range(len(specs), 0, -1):
-        spec = specs[index - 1]
-        if index not in owned and spare[spec] > 0:
-            spare[spec] -= 1
-            owned.add(index)
-    return [(i, specs[i - 1]) for i in sorted(owned)]
-
-
-class FamilyPlan(object):
-    """What converging one family needs: before/after views and the payload."""
-
-    def __init__(self, family):
-        self.family = family
-        self.before = OrderedDict()  # table -> OrderedDict(chain -> [spec])
-        self.after = OrderedDict()
-        self.payload = ""
-        self.tables = []  # tables the payload changes
-        self.added = []
-        self.removed = []
-        self.builtin_after = {}  # table -> {chain: [spec]} owned built-in rules after
-        # A first apply planned without the canonical form (Engine.plan with
-        # defer=True): (live tables, ruleset, recorded, cache path); the views
-        # are filled in after the restore, from what it added.
-        self.pending = None
-
-    @property
-    def changed(self):
-        return bool(self.payload)
-
-
-def _edit_builtin(chain, live_specs, owned, wanted, rules):
-    """Payload lines turning our rules of a built-in chain into `wanted`.
-
-    Returns (deletes, inserts).  Rules that stay keep their place; new ones
-    go next to the kept rule before (or after) them, so other software's
-    rules keep their positions relative to ours.  With nothing kept, the
-    generator's own appends/inserts are replayed, as on a fresh host.
-    """
-    have = [spec for dummy, spec in owned]
-    matcher = difflib.SequenceMatcher(None, have, wanted, autojunk=False)
-    kept = {}  # wanted index -> live index
-    for block in matcher.get_matching_blocks():
-        for k in range(block.size):
-            kept[block.b + k] = owned[block.a + k][0]
-    dropped = sorted((i for i, dummy in owned if i not in kept.values()), reverse=True)
-    deletes = ["-D %s %d" % (chain, i) for i in dropped]
-    if not kept:
-        return deletes, [restore_line(r) for r in rules]
-    # Simulate the chain: live rules minus the dropped ones, then insert.
-    model = [i for i in range(1, len(live_specs) + 1) if i not in set(dropped)]
-    inserts, cursor = [], None
-    first_kept = model.index(min(kept.values()))
-    for j, spec in enumerate(wanted):
-        if j in kept:
-            cursor = model.index(kept[j])
-            continue
-        position = first_kept if cursor is None else cursor + 1
-        model.insert(position, None)
-        if cursor is None:
-            first_kept += 1
-        cursor = position
-        if position == len(model) - 1:
-            inserts.append("-A %s %s" % (chain, spec))
-        else:
-            inserts.append("-I %s %d %s" % (chain, position + 1, spec))
-    return deletes, inserts
-
-
-def plan_family(family, live, wanted, ruleset, recorded):
-    """Compare live and wanted (parsed saves) for one family.
-
-    live/wanted: {table: Table}; wanted comes from the canonicalised
-    ruleset (empty for state=absent).  ruleset supplies the append/insert
-    operations to replay.  recorded: {table: {chain: [spec]}} from the
-    state record, or None when there is none.  Returns a FamilyPlan.
-    """
-    plan = FamilyPlan(family)
-    signature = Signature(live)
-    trust_generic = signature.present and recorded is None
-    recorded = recorded or {}
-    blocks = []
-    for table in TABLES:
-        live_t = live.get(table) or Table(table)
-        want_t = wanted.get(table) or Table(table)
-        rec_t = recorded.get(table, {})
-        before, after = OrderedDict(), OrderedDict()
-        deletes, inserts = [], []
-
-        builtins = [c for c in live_t.policies if c in BUILTIN_CHAINS]
-        builtins += [c for c in want_t.policies if c in BUILTIN_CHAINS and c not in builtins]
-        owned_after = {}
-        for chain in builtins:
-            live_specs = live_t.rules.get(chain, [])
-            want_specs = want_t.rules.get(chain, [])
-            owned = owned_builtin(table, chain, live_specs, signature, rec_t.get(chain, []), trust_generic)
-            if owned:
-                before[chain] = [spec for dummy, spec in owned]
-            if want_specs:
-                after[chain] = list(want_specs)
-                owned_after[chain] = list(want_specs)
-            if [spec for dummy, spec in owned] != want_specs:
-                rules = [r for r in ruleset[family] if r.table == table and r.chain == chain]
-                chain_deletes, chain_inserts = _edit_builtin(chain, live_specs, owned, want_specs, rules)
-                deletes += chain_deletes
-                inserts += chain_inserts
-
-        live_user = [c for c in live_t.user_chains() if is_capture_chain(c)]
-        want_user = want_t.user_chains()
-        for chain in live_user:
-            before[chain] = list(live_t.rules.get(chain, []))
-        for chain in want_user:
-            after[chain] = list(want_t.rules.get(chain, []))
-        declare = [c for c in want_user if c not in live_user or live_t.rules.get(c) != want_t.rules.get(c)]
-        drop = [c for c in live_user if c not in want_user]
-
-        for chain in set(before) | set(after):
-            old, new = Counter(before.get(chain, [])), Counter(after.get(chain, []))
-            plan.removed.extend("%s -t %s -A %s %s" % (family, table, chain, s) for s in sorted((old - new).elements()))
-            plan.added.extend("%s -t %s -A %s %s" % (family, table, chain, s) for s in sorted((new - old).elements()))
-        if before:
-            plan.before[table] = before
-        if after:
-            plan.after[table] = after
-        plan.builtin_after[table] = owned_after
-
-        if not (deletes or inserts or declare or drop):
-            continue
-        lines = ["*%s" % table]
-        lines.extend(":%s - [0:0]" % c for c in declare + drop)
-        lines.extend(deletes)
-        lines.extend("-X %s" % c for c in drop)
-        lines.extend(inserts)
-        lines.extend(restore_line(r) for r in ruleset[family] if r.table == table and r.chain in declare)
-        lines.append("COMMIT")
-        blocks.append("\n".join(lines))
-        plan.tables.append(table)
-    plan.payload = "\n".join(blocks) + "\n" if blocks else ""
-    return plan
-
-
-def format_owned(view):
-    """iptables-save-like text of capture-owned chains ({table: {chain: [spec]}})."""
-    lines = []
-    for table, chains in view.items():
-        lines.append("*%s" % table)
-        lines.extend(":%s - [0:0]" % c for c in chains if c not in BUILTIN_CHAINS)
-        for chain, specs in chains.items():
-            lines.extend("-A %s %s" % (chain, spec) for spec in specs)
-        lines.append("COMMIT")
-    return "\n".join(lines) + "\n" if lines else ""
-
 
 # ------------------------------------------------------------------ engine
 class Engine(object):
@@ -428,7 +105,7 @@ class Engine(object):
         self.names = binary_names(backend)
         self.state_dir = state_dir
         self.families = tuple(families)
-        self.netns_id = netns_id or _netns_id()
+        self.netns_id = netns_id or current_netns_id()
         self.check_mode = check_mode
         self.warnings = []
 
@@ -456,7 +133,7 @@ class Engine(object):
     def _canonical_cache(self, family, payload):
         # The canonical form depends on the iptables binaries and, for owner
         # names, on the user and group databases: all part of the key.
-        stamps = [_mtime(p) for p in (self._bin(family, "save"), self._bin(family, "restore"),
+        stamps = [mtime(p) for p in (self._bin(family, "save"), self._bin(family, "restore"),
                                       "/etc/passwd", "/etc/group")]
         key = hashlib.sha256(json.dumps([self.backend, family, payload, stamps]).encode("utf-8")).hexdigest()
         return os.path.join(self.state_dir, "canonical", key + ".save")
@@ -487,7 +164,7 @@ class Engine(object):
             raise ApplyError("%s: the kernel rejects the capture ruleset: %s" % (family, (err or out).strip()),
                              cmd=argv, rc=rc, stderr=err)
         if not self.check_mode:
-            _write_atomic(cache, out)
+            write_atomic(cache, out)
         return parse_save(out)
 
     # -- state record ------------------------------------------------------
@@ -544,13 +221,13 @@ class Engine(object):
         say when something else changed the tables meanwhile, the canonical
         form is computed in a scratch namespace as usual)."""
         live, ruleset, recorded, cache = plan.pending
-        wanted = _added_by_restore(live, parse_save(self.save(plan.family)))
+        wanted = added_by_restore(live, parse_save(self.save(plan.family)))
         lines = plan.payload.splitlines()
         if sum(1 for line in lines if line.startswith(("-A ", "-I "))) == \
                 sum(len(specs) for t in wanted.values() for specs in t.rules.values()) \
                 and sum(1 for line in lines if line.startswith(":")) == \
                 sum(len(t.user_chains()) for t in wanted.values()):
-            _write_atomic(cache, format_owned(dict((name, t.rules) for name, t in wanted.items())))
+            write_atomic(cache, format_owned(dict((name, t.rules) for name, t in wanted.items())))
         else:
             wanted = self._scratch(plan.family, plan.payload, cache)
         done = plan_family(plan.family, live, wanted, ruleset, recorded)
@@ -606,7 +283,7 @@ class Engine(object):
             self._drop_created_chains(family, plan, rec)
         if any(rec["builtin"] or rec["created_tables"] or rec.get("created_chains")
                for rec in record["families"].values()):
-            _write_atomic(self._record_path(), json.dumps(record, indent=1, sort_keys=True))
+            write_atomic(self._record_path(), json.dumps(record, indent=1, sort_keys=True))
         else:
             self._remove_record()
         return [family for family, dummy, dummy2 in done]
@@ -620,7 +297,7 @@ class Engine(object):
         """
         for family, snapshot, tables in reversed(steps):
             present = parse_save(snapshot)
-            payload = _select_tables(snapshot, [t for t in tables if t in present])
+            payload = select_tables(snapshot, [t for t in tables if t in present])
             payload += "".join("*%s\nCOMMIT\n" % t for t in tables if t not in present)
             self.restore(family, payload, noflush=False, counters=True)
             self._drop_created_tables(family, [t for t in tables if t not in present])
@@ -695,105 +372,3 @@ class Engine(object):
         except OSError:
             pass
 
-
-def _added_by_restore(before, after):
-    """{table: Table} of the rules and chains a --noflush restore added:
-    per chain, the rules of `after` that are not in `before` (rules that
-    were there keep their relative order, so a sequence match finds them)."""
-    out = OrderedDict()
-    for name, t_after in after.items():
-        t_before = before.get(name) or Table(name)
-        added = Table(name)
-        for chain in t_after.policies:
-            old, new = t_before.rules.get(chain, []), t_after.rules.get(chain, [])
-            if chain not in t_before.policies:
-                added.add_chain(chain, t_after.policies[chain])
-                added.rules[chain] = list(new)
-                continue
-            matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
-            specs = [spec for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag in ("insert", "replace")
-                     for spec in new[j1:j2]]
-            if specs:
-                added.add_chain(chain, t_after.policies[chain])
-                added.rules[chain] = specs
-        if added.policies:
-            out[name] = added
-    return out
-
-
-class RenderMemo(object):
-    """The rendering of the configuration last applied in this network
-    namespace (commands, restore payloads, effective configuration),
-    kept in state_dir under a digest of everything it was computed from.
-
-    A re-run with the same options, generator code and host files (see
-    memo_key) loads it instead of validating and generating again, so a
-    no-op costs little more than one iptables-save per family.  One file
-    per namespace: a new configuration replaces it.
-    """
-
-    def __init__(self, state_dir, netns_id=None):
-        self.path = os.path.join(state_dir, "rendered-%s.json" % (netns_id or _netns_id()))
-
-    def load(self, key):
-        """The stored rendering when it was stored under key, else None."""
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-        except (IOError, OSError, ValueError):
-            return None
-        if not isinstance(data, dict) or data.get("key") != key:
-            return None
-        return data.get("rendered")
-
-    def store(self, key, rendered):
-        _write_atomic(self.path, json.dumps({"key": key, "rendered": rendered}, separators=(",", ":")))
-
-    def remove(self):
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
-def memo_key(params, code, files):
-    """Digest of a rendering's inputs: the module options, the code that
-    validates and generates (sources), and the host files it reads
-    ({path: content or stat stamp})."""
-    blob = json.dumps([STATE_VERSION, params, code, files], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def _select_tables(save_text, tables):
-    """The blocks of an iptables-save dump that belong to the given tables."""
-    out, keep = [], False
-    for line in save_text.splitlines():
-        if line.startswith("*"):
-            keep = line[1:] in tables
-        if keep and not line.startswith("#"):
-            out.append(line)
-        if line == "COMMIT":
-            keep = False
-    return "\n".join(out) + "\n" if out else ""
-
-
-def _mtime(path):
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return None
-
-
-def _netns_id():
-    st = os.stat("/proc/self/ns/net")
-    return "%d-%d" % (st.st_dev, st.st_ino)
-
-
-def _write_atomic(path, text):
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, 0o700)
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)

@@ -20,6 +20,17 @@ class CaptureError(Exception):
     """Base class of every error the capture core raises."""
 
 
+class ApplyError(CaptureError):
+    """A command failed; carries what fail_json wants."""
+
+    def __init__(self, msg, cmd=None, rc=None, stderr=None):
+        super(ApplyError, self).__init__(msg)
+        self.msg = msg
+        self.cmd = cmd
+        self.rc = rc
+        self.stderr = stderr
+
+
 class ConfigError(CaptureError):
     """An option has a value the capture cannot use."""
 

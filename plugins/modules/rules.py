@@ -255,18 +255,14 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils import (
     capture_rules,
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import (
-    ApplyError,
     Engine,
-    RenderMemo,
     binary_names,
     choose_backend,
-    count_rules,
-    format_owned,
     legacy_tables_loaded,
-    memo_key,
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (
     DEFAULTS,
+    ApplyError,
     CaptureError,
     CaptureConfig,
 )
@@ -279,6 +275,8 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules 
     render_commands,
     render_restore,
 )
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import count_rules, format_owned
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import RenderMemo, memo_key
 
 C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
 INSTALL_HINTS = {

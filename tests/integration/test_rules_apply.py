@@ -15,7 +15,8 @@ from collections import Counter
 import pytest
 
 import netns
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import Engine, parse_save
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import Engine
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import parse_save
 from rules_helpers import (CONFIGS, FAMILIES, add_foreign, nft_monitor, apply, assert_same, ok, restore, run_commands,
                            save, saves, state_dir)
 

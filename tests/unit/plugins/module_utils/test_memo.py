@@ -1,10 +1,10 @@
-"""The rendering memo of the apply engine (capture_apply.RenderMemo, memo_key)."""
+"""The rendering memo of the apply engine (capture_store.RenderMemo, memo_key)."""
 
 import json
 
 import pytest
 
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import RenderMemo, memo_key
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import RenderMemo, memo_key
 
 PARAMS = {"state": "present", "proxy_port": 15001, "outbound_ip_ranges_exclude": ["10.0.0.0/8"]}
 CODE = "0" * 64
@@ -55,8 +55,8 @@ def test_damaged_memo_is_a_miss(tmp_path, content):
 
 
 # ------------------------------------------------- what a restore added
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import (  # noqa: E402
-    _added_by_restore,
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import (  # noqa: E402
+    added_by_restore,
     parse_save,
 )
 
@@ -92,7 +92,7 @@ COMMIT
 
 
 def test_added_by_restore_is_the_new_rules_and_chains():
-    added = _added_by_restore(parse_save(BEFORE), parse_save(AFTER))
+    added = added_by_restore(parse_save(BEFORE), parse_save(AFTER))
     assert {t: dict(table.rules) for t, table in added.items()} == {
         "nat": {"OUTPUT": ["-p tcp -j ISTIO_OUTPUT", "-d 203.0.113.1/32 -j RETURN"],
                 "ISTIO_OUTPUT": ["-j RETURN"]},
@@ -103,4 +103,4 @@ def test_added_by_restore_is_the_new_rules_and_chains():
 
 
 def test_added_by_restore_of_nothing_is_empty():
-    assert _added_by_restore(parse_save(BEFORE), parse_save(BEFORE)) == {}
+    assert added_by_restore(parse_save(BEFORE), parse_save(BEFORE)) == {}
