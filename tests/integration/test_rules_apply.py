@@ -576,6 +576,27 @@ def test_backend_auto(netns_factory, tmp_path, prior, expected):
     assert_same(after, before)
 
 
+@pytest.mark.parametrize("config", ["vm-redirect", "dual-dns"])
+def test_legacy_absent_leaves_only_the_tables_the_kernel_keeps(netns_factory, tmp_path, config):
+    """x_tables has no call that unregisters a table: once iptables-legacy
+    used nat (or raw, mangle) in a namespace, that table stays, empty, until
+    the namespace goes.  What absent can and does guarantee: no rule and no
+    chain is left, only the empty tables the capture itself used; and an
+    absent on a host without legacy tables creates none."""
+    ns = netns_factory("legabs")
+    assert legacy_tables(ns) == []
+    assert ok(apply(ns, tmp_path, state="absent", backend="iptables-legacy"))["changed"] is False
+    assert legacy_tables(ns) == []
+    result = ok(apply(ns, tmp_path, backend="iptables-legacy", **CONFIGS[config]))
+    used = sorted(set(line[1:] for family in FAMILIES for line in result["restore"][family].splitlines()
+                      if line.startswith("*")))
+    assert ok(apply(ns, tmp_path, state="absent", backend="iptables-legacy"))["changed"] is True
+    assert sorted(set(legacy_tables(ns))) == used
+    after = saves(ns, backend="iptables-legacy")
+    assert {family: without_empty_tables(text) for family, text in after.items()} == {"ipv4": "", "ipv6": ""}
+    assert ok(apply(ns, tmp_path, state="absent", backend="iptables-legacy"))["changed"] is False
+
+
 def without_empty_tables(save_text):
     """A save without the tables that hold no rule and no user chain."""
     blocks = re.findall(r"^\*.*?^COMMIT\n", save_text, re.M | re.S)
