@@ -29,6 +29,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
 else
     say "system tools present"
 fi
+# The SSH scenario (molecule/ssh, tests/integration/test_ssh_operator.py)
+# runs a real sshd inside a namespace.
+# Installing it must not start an sshd in this machine's own namespace: while
+# apt runs, a policy-rc.d (exit 101) keeps the package from starting it.
+if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
+    say "missing: sshd"
+    if [ -e /usr/sbin/policy-rc.d ]; then
+        apt_install openssh-server
+    else
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        apt_install openssh-server
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+fi
 
 # 2. The virtualenv (recreated when missing or broken, e.g. its base
 #    interpreter went away).

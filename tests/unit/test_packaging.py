@@ -27,7 +27,9 @@ def test_collection_builds(tmp_path):
     assert manifest["collection_info"]["license"] == ["Apache-2.0"]
     for path in ("plugins/modules/rules.py", "plugins/modules/routes.py", "plugins/modules/persist.py",
                  "roles/capture/tasks/main.yml", "roles/capture/files/meshcapture-restore.sh",
-                 "plugins/connection/netns.py", "meta/runtime.yml"):
+                 "plugins/connection/netns.py", "meta/runtime.yml",
+                 # Execution environments (ansible-builder): tests/unit/test_execution_environment.py
+                 "meta/execution-environment.yml", "meta/ee-requirements.txt", "bindep.txt"):
         assert path in names
     assert not any(name.startswith((".cache", ".venv")) for name in names)
 
