@@ -100,6 +100,7 @@ _value:
 """
 
 from ansible.errors import AnsibleFilterError
+from ansible.module_utils.six.moves import shlex_quote
 from ansible.module_utils.common.text.converters import to_text
 from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.module_utils.six import string_types
@@ -135,6 +136,22 @@ def _items(value):
 
 SECTION = "#meshcapture-file "
 MISSING = "#meshcapture-missing"
+
+# The shell script that reads cluster.env and routes.env in one command (the
+# action plugin meshcapture.sidecar.capture runs it; no module run): one
+# section per file, which read_sections() parses. The two paths are quoted
+# with shlex.quote and may be empty (unset).
+READ_SCRIPT = """r() {
+  printf '#meshcapture-file %%s\\n' "$1"
+  if [ -n "$2" ] && [ -f "$2" ] && [ -r "$2" ]; then cat -- "$2"; echo; else echo '#meshcapture-missing'; fi
+}
+r cluster.env %s
+r routes.env %s"""
+
+
+def read_script(cluster_env_path, routes_env_path):
+    """The read script for these paths (None or '' for an unset path)."""
+    return READ_SCRIPT % (shlex_quote(cluster_env_path or ""), shlex_quote(routes_env_path or ""))
 
 
 def read_sections(read):

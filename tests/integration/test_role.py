@@ -38,8 +38,9 @@ def cluster_env_filter():
     return cluster_env
 
 
-def run_role(ns, tmp_path, **capture_vars):
-    """Run the role on namespace ns with the given variables; writes below tmp_path."""
+def run_role(ns, tmp_path, cli=(), **capture_vars):
+    """Run the role on namespace ns with the given variables (cli: more ansible-playbook arguments); writes
+    below tmp_path."""
     if not (COLLECTIONS / "ansible_collections/meshcapture/sidecar").exists() or not PYTHON.exists():
         pytest.skip("run scripts/setup.sh first")
     root = tmp_path / "host"
@@ -62,7 +63,7 @@ def run_role(ns, tmp_path, **capture_vars):
     playbook.write_text(PLAYBOOK)
     return subprocess.run(
         ["bash", "-c", '. "$0/scripts/env.sh" && exec "$@"', str(REPO),
-         "ansible-playbook", "-i", str(inventory), str(playbook)],
+         "ansible-playbook", "-i", str(inventory), str(playbook), *cli],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -201,3 +202,76 @@ def test_mode_switch_persist_off_and_uninstall_without_the_variables(host_and_pe
     assert "lookup 140" not in rules(host)
     assert "ISTIO" not in save(host)
     assert not persist.exists()
+
+
+def logging_interpreter(tmp_path):
+    """(interpreter, log): the venv's Python, logging the name of every module it runs."""
+    log = tmp_path / "modules.log"
+    wrapper = tmp_path / "python.sh"
+    wrapper.write_text('#!/bin/sh\nbasename "$1" >> "%s"\nexec "%s" "$@"\n' % (log, PYTHON))
+    wrapper.chmod(0o755)
+    return str(wrapper), log
+
+
+def modules_run(log):
+    names = log.read_text().split() if log.exists() else []
+    log.write_text("")
+    return [name.replace("AnsiballZ_", "").replace(".py", "") for name in names]
+
+
+@pytest.mark.netns
+def test_module_runs_per_host_converge_no_op_and_drift(netns_factory, tmp_path):
+    """A converge runs rules, routes and persist; a no-op re-run only rules; drift re-runs what it concerns."""
+    ns = netns_factory("runs")
+    interpreter, log = logging_interpreter(tmp_path)
+    options = dict(ansible_python_interpreter=interpreter, capture_inbound_ports_include="*",
+                   capture_inbound_ports_exclude=[22], capture_outbound_ip_ranges_include="*",
+                   capture_enable_inbound_ipv6=True)
+    persist = tmp_path / "host" / "persist"
+    steps = [
+        ("converge", None, ["rules", "routes", "persist"], "changed=1"),
+        ("no-op", None, ["rules"], "changed=0"),
+        ("address removed", lambda: ns.run(["ip", "-6", "addr", "del", "::6/128", "dev", "lo"]),
+         ["rules", "routes"], "changed=1"),
+        ("no-op again", None, ["rules"], "changed=0"),
+        ("persisted file changed", lambda: (persist / "rules.v4").write_text("# edited\n"),
+         ["rules", "persist"], "changed=1"),
+        ("routes.env mode changed", lambda: (persist / "routes.env").chmod(0o600), ["rules", "persist"], "changed=1"),
+        ("last no-op", None, ["rules"], "changed=0"),
+    ]
+    for label, drift, expected, recap in steps:
+        if drift:
+            drift()
+        proc = run_role(ns, tmp_path, **options)
+        assert proc.returncode == 0, label + "\n" + proc.stdout + proc.stderr
+        assert modules_run(log) == expected, label
+        assert recap in proc.stdout, label + "\n" + proc.stdout
+        assert "[WARNING]" not in proc.stderr, label + "\n" + proc.stderr
+    assert "inet6 ::6/128" in ns.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
+    assert "# edited" not in (persist / "rules.v4").read_text()
+
+
+@pytest.mark.netns
+def test_check_mode_on_a_converged_host_runs_only_rules_and_changes_nothing(netns_factory, tmp_path):
+    ns = netns_factory("check")
+    interpreter, log = logging_interpreter(tmp_path)
+    options = dict(ansible_python_interpreter=interpreter, capture_inbound_ports_include="*",
+                   capture_inbound_ports_exclude=[22], capture_inbound_interception_mode="TPROXY")
+    proc = run_role(ns, tmp_path, **options)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    modules_run(log)
+
+    def state():
+        return ([line for line in save(ns).splitlines() if not line.startswith("#")], rules(ns), rules(ns, 6),
+                sorted(p.name for p in (tmp_path / "host").rglob("*")))
+
+    before = state()
+    # A drift the check-mode run must report but not repair.
+    ns.run(["ip", "-4", "rule", "del", "fwmark", "1337", "lookup", "133"])
+    drifted = state()
+    proc = run_role(ns, tmp_path, cli=["--check", "--diff"], **options)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "changed=1" in proc.stdout
+    assert "+ip -4 rule: fwmark 0x539 lookup 133" in proc.stdout, proc.stdout
+    assert modules_run(log) == ["rules", "routes"]
+    assert state() == drifted != before

@@ -342,12 +342,14 @@ def test_guard_off_locks_out_new_connections_until_the_console_uninstalls(ssh_vm
 
 
 @pytest.mark.parametrize("ssh_vm", [FOREIGN_STATELESS], indirect=True, ids=["no-conntrack-before"])
-@pytest.mark.xfail(strict=True, reason=(
-    "known problem: where no rule used conntrack before the capture (a VM without a stateful firewall), the"
-    " kernel starts tracking the SSH connection Ansible holds only when the capture's rules come, picks it up"
-    " midstream from sshd's next packet as a NEW outbound connection, and ISTIO_OUTPUT redirects it to 15001:"
-    " sshd gets a reset, the client (which never sees one) hangs until ServerAliveInterval gives up"))
 def test_held_connection_survives_where_nothing_tracked_it(ssh_vm):
+    """Where no rule used conntrack before the capture (a VM without a
+    stateful firewall), the kernel would start tracking the SSH connection
+    Ansible holds only when the capture's rules come, pick it up midstream
+    from sshd's next packet as a NEW outbound connection, and ISTIO_OUTPUT
+    would redirect it to 15001.  The capture action loads its conntrack
+    primer with the read, before the rules: the session is tracked as what
+    it is, and survives."""
     proc = ssh_vm.play(APPLY, capture_inbound_ports_include="*", capture_outbound_ip_ranges_include="*")
     assert_ok(proc)
     held_before, held_after = connections(proc)

@@ -2,27 +2,22 @@
 cluster.env), the connection guard, the policy routing wanted now and the
 one a previous run recorded in routes.env, and its argument errors.
 
-cluster.env and routes.env come as the registered result of the role's read
-task (ansible.builtin.raw, the first task of roles/capture/tasks/main.yml):
+cluster.env and routes.env come as the result of the read script the action
+meshcapture.sidecar.capture runs on the host (capture_plan.read_script):
 one section per file, a line "#meshcapture-file <name>" then the file's
 content and the newline of an echo, or the line "#meshcapture-missing".
 """
 
-import os
-import re
 import shlex
 import subprocess
 
 import pytest
-import yaml
 
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.meshcapture.sidecar.plugins.filter.capture_plan import (
-    FilterModule, capture_plan, read_sections)
+    READ_SCRIPT, FilterModule, capture_plan, read_script, read_sections)
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
-ROLE_TASKS = os.path.join(REPO, "roles", "capture", "tasks", "main.yml")
 
 # capture_cluster_env in the tests that read a cluster.env.
 CLUSTER_ENV_PATH = "/var/lib/istio/envoy/cluster.env"
@@ -754,31 +749,15 @@ def test_no_final_newline(cluster_env, routes_env, options, previous):
 
 
 # ---------------------------------------------------------------------------
-# The read task's shell, run for real
+# The read script, run for real (the action meshcapture.sidecar.capture runs
+# read_script()'s output on the host with /bin/sh)
 # ---------------------------------------------------------------------------
-
-JINJA_RE = re.compile(r"\{\{.*?\}\}")
 
 
 def read_task_script(cluster_env_path, routes_env_path):
-    """The script of the role's read task with its two Jinja expressions replaced by quoted paths."""
-    with open(ROLE_TASKS) as tasks_file:
-        tasks = yaml.safe_load(tasks_file)
-    script = tasks[0].get("ansible.builtin.raw") if tasks and isinstance(tasks[0], dict) else None
-    if not isinstance(script, str):
-        pytest.fail("the first task of %s is not an ansible.builtin.raw task with a script: %r"
-                    % (ROLE_TASKS, tasks[0] if tasks else tasks))
-    expressions = JINJA_RE.findall(script)
-    cluster = [e for e in expressions if "capture_cluster_env" in e]
-    routes = [e for e in expressions if "routes.env" in e]
-    if len(expressions) != 2 or len(cluster) != 1 or len(routes) != 1 or cluster == routes:
-        pytest.fail("expected two Jinja expressions in the read task's script, one with capture_cluster_env "
-                    "and one with routes.env; found %r in:\n%s" % (expressions, script))
-    for expression, path in ((cluster[0], cluster_env_path), (routes[0], routes_env_path)):
-        if script.count(expression) != 1:
-            pytest.fail("%r occurs %d times in the read task's script" % (expression, script.count(expression)))
-        script = script.replace(expression, shlex.quote(path))
-    assert "{{" not in script and "}}" not in script, script
+    """The read script for these paths, as the action builds it."""
+    script = read_script(cluster_env_path, routes_env_path)
+    assert script == READ_SCRIPT % (shlex.quote(cluster_env_path), shlex.quote(routes_env_path))
     return script
 
 

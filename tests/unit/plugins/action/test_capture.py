@@ -1,0 +1,445 @@
+"""The action meshcapture.sidecar.capture: which modules it runs, with which
+arguments, and what it returns, for the cases the role meets (a fresh host, a
+no-op re-run, drift, a mode switch, the guard, check mode, failures, an
+uninstall); and its helpers (list joining, routes.env, the fingerprint of the
+persisted files, run for real with /bin/sh on files in tmp_path).
+
+The modules and the host's shell are replaced by fakes here: the real ones run
+in tests/integration/test_role.py and the molecule scenarios.
+"""
+
+import hashlib
+import os
+import subprocess
+from unittest import mock
+
+import pytest
+
+from ansible.errors import AnsibleActionFail
+
+from ansible_collections.meshcapture.sidecar.plugins.action import capture
+from ansible_collections.meshcapture.sidecar.plugins.action.capture import (
+    ActionModule,
+    compact_lists,
+    fingerprint_script,
+    routes_env,
+    unchanged,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+ROUTES_MODULE = os.path.join(REPO, "plugins", "modules", "routes.py")
+
+PERSIST_DIR = "/etc/meshcapture"
+UNIT = "/etc/systemd/system/meshcapture-capture.service"
+SCRIPT = "#!/bin/sh\necho restore\n"
+UNIT_TEXT = "[Unit]\n"
+RESTORE = {"ipv4": "*nat\nCOMMIT\n", "ipv6": "*nat\nCOMMIT\n"}
+VM_OPTIONS = {"inbound_ports_include": "*", "inbound_ports_exclude": ["22", "15090"],
+              "outbound_ip_ranges_include": "*", "enable_inbound_ipv6": True, "proxy_port": None}
+WANTED_IPV6 = {"tproxy": False, "mark": 1337, "table": 133, "ipv6": True}
+TPROXY_140 = {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False}
+ROUTING_DIGEST = "d" * 64
+
+
+def sha(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    pytest.param({"outbound_ip_ranges_exclude": ["10.0.0.1/32", "10.0.0.2/32"]},
+                 {"outbound_ip_ranges_exclude": "10.0.0.1/32,10.0.0.2/32"}, id="cidrs-joined"),
+    pytest.param({"outbound_ports_exclude": ["1", "2", "3"], "inbound_ports_exclude": ["22", "15090"]},
+                 {"outbound_ports_exclude": "1,2,3", "inbound_ports_exclude": "22,15090"}, id="ports-joined"),
+    pytest.param({"outbound_ports_exclude": ["1,2", "3"]}, {"outbound_ports_exclude": ["1,2", "3"]},
+                 id="item-with-comma-kept-so-the-module-rejects-it"),
+    pytest.param({"outbound_ports_exclude": [1, 2]}, {"outbound_ports_exclude": [1, 2]}, id="non-strings-kept"),
+    pytest.param({"outbound_ports_exclude": ["1"]}, {"outbound_ports_exclude": ["1"]}, id="single-item-kept"),
+    pytest.param({"proxy_uid": ["1337", "1338"]}, {"proxy_uid": ["1337", "1338"]}, id="other-lists-kept"),
+    pytest.param({"inbound_ports_include": "*"}, {"inbound_ports_include": "*"}, id="strings-kept"),
+])
+def test_compact_lists(args, expected):
+    assert compact_lists(args) == expected
+
+
+@pytest.mark.parametrize("backend, routes, expected", [
+    pytest.param("iptables-nft", WANTED_IPV6, (
+        "MESHCAPTURE_IPTABLES_BACKEND=iptables-nft\nMESHCAPTURE_TPROXY_ROUTES=false\nMESHCAPTURE_TPROXY_MARK=1337\n"
+        "MESHCAPTURE_TPROXY_ROUTE_TABLE=133\nMESHCAPTURE_INBOUND_IPV6=true\n"), id="ipv6"),
+    pytest.param("iptables-legacy", TPROXY_140, (
+        "MESHCAPTURE_IPTABLES_BACKEND=iptables-legacy\nMESHCAPTURE_TPROXY_ROUTES=true\nMESHCAPTURE_TPROXY_MARK=1400\n"
+        "MESHCAPTURE_TPROXY_ROUTE_TABLE=140\nMESHCAPTURE_INBOUND_IPV6=false\n"), id="tproxy"),
+])
+def test_routes_env(backend, routes, expected):
+    # The same text the role's template wrote before, so that an upgrade rewrites nothing.
+    assert routes_env(backend, routes) == (
+        "# Managed by Ansible (meshcapture.sidecar.capture): the settings that\n"
+        "# meshcapture-restore.sh restores at boot.\n" + expected)
+
+
+FILES = [("/p/a", "alpha\n", "0644"), ("/p/b", "beta\n", "0755")]
+GOOD = ["regular file|644|root|root|" + sha("alpha\n"), "regular file|755|root|root|" + sha("beta\n")]
+
+
+@pytest.mark.parametrize("lines, expected", [
+    pytest.param(GOOD, True, id="all-right"),
+    pytest.param(["regular empty file|644|root|root|" + sha("")], True, id="empty-file"),
+    pytest.param([GOOD[0], "regular file|755|root|root|" + sha("other\n")], False, id="content"),
+    pytest.param([GOOD[0], "regular file|775|root|root|" + sha("beta\n")], False, id="mode"),
+    pytest.param([GOOD[0], "regular file|755|nobody|root|" + sha("beta\n")], False, id="owner"),
+    pytest.param([GOOD[0], "regular file|755|root|staff|" + sha("beta\n")], False, id="group"),
+    pytest.param([GOOD[0], "symbolic link|777|root|root|" + sha("beta\n")], False, id="symlink"),
+    pytest.param([GOOD[0], "-"], False, id="missing"),
+    pytest.param(GOOD[:1], False, id="fewer-lines"),
+    pytest.param([GOOD[0], "regular file|7x5|root|root|" + sha("beta\n")], False, id="garbage-mode"),
+])
+def test_unchanged(lines, expected):
+    files = [("/p/a", "", "0644")] if lines[0].startswith("regular empty") else FILES
+    assert unchanged(files, "root", "root", lines) is expected
+
+
+@pytest.mark.parametrize("mode", ["0999", "", True, "07777777"])
+def test_unchanged_leaves_bad_modes_to_persist(mode):
+    assert not unchanged([("/p/a", "alpha\n", mode)], "root", "root", GOOD[:1])
+
+
+def test_fingerprint_script_on_real_files(tmp_path):
+    regular = tmp_path / "it's a file"
+    regular.write_text("alpha\n")
+    os.chmod(str(regular), 0o640)
+    link = tmp_path / "link"
+    link.symlink_to(regular)
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    paths = [str(regular), str(link), str(tmp_path / "missing"), str(directory), str(empty)]
+    out = subprocess.run(["/bin/sh", "-c", fingerprint_script(paths)], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "#meshcapture-file persisted"
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    group = subprocess.run(["id", "-gn"], capture_output=True, text=True, check=True).stdout.strip()
+    assert out[1] == "regular file|640|%s|%s|%s" % (user, group, sha("alpha\n"))
+    assert out[2].startswith("symbolic link|777|")
+    assert out[3:5] == ["-", "-"]
+    assert out[6] in ("systemd=0", "systemd=1")
+    assert unchanged([(paths[4], "", "0644")], user, group, out[5:6])
+    assert unchanged([(paths[0], "alpha\n", "0640")], user, group, out[1:2])
+    assert not unchanged([(paths[1], "alpha\n", "0777")], user, group, out[2:3])
+
+
+# ---------------------------------------------------------------------------
+# The action, with fake modules and a fake host shell
+# ---------------------------------------------------------------------------
+
+def host_output(cluster_env=None, routes_env_text=None, persisted=None, record=None, systemd=False):
+    """What the read command prints: cluster.env, routes.env, the persisted files' fingerprint, the routing."""
+    out = ""
+    for name, text in (("cluster.env", cluster_env), ("routes.env", routes_env_text)):
+        out += "#meshcapture-file %s\n" % name + ("#meshcapture-missing\n" if text is None else text + "\n")
+    if persisted is not None:
+        out += "#meshcapture-file persisted\n" + "".join(line + "\n" for line in persisted)
+        out += "systemd=%d\n" % int(systemd)
+    out += "#meshcapture-file routing\n%s\n%s\n" % (ROUTING_DIGEST, record or "-")
+    return out
+
+
+def persisted_lines(routes=None, backend="iptables-nft"):
+    """The fingerprint of persisted files that are exactly what the action writes."""
+    texts = [RESTORE["ipv4"], RESTORE["ipv6"], routes_env(backend, routes or WANTED_IPV6), SCRIPT, UNIT_TEXT]
+    modes = ["644", "644", "644", "755", "644"]
+    return ["regular file|%s|root|root|%s" % (mode, sha(text)) for mode, text in zip(modes, texts)]
+
+
+class Fake(object):
+    """Runs the action with fake modules (results by module name) and a fake host shell."""
+
+    def __init__(self, args, stdout, results=None, check_mode=False):
+        self.calls = []
+        self.commands = []
+        self.stdout = stdout
+        self.results = dict({
+            "meshcapture.sidecar.rules": {"changed": False, "restore": dict(RESTORE), "backend": "iptables-nft",
+                                          "commands": ["iptables -t nat -N ISTIO_INBOUND"], "config": {}},
+            "meshcapture.sidecar.routes": {"changed": False, "added": [], "removed": []},
+            "meshcapture.sidecar.persist": {"changed": True, "written": ["x"], "systemd_running": False},
+        }, **(results or {}))
+        task = mock.MagicMock()
+        task.args = dict(args)
+        task.async_val = 0
+        task.check_mode = check_mode
+        task.diff = False
+        connection = mock.MagicMock()
+        connection._shell.tmpdir = None
+        loader = mock.MagicMock()
+        loader.module_loader.find_plugin_with_context.return_value = mock.MagicMock(
+            resolved=True, plugin_resolved_path=ROUTES_MODULE)
+        self.action = ActionModule(task, connection, mock.MagicMock(), mock.MagicMock(), mock.MagicMock())
+        self.action._shared_loader_obj = loader  # ActionBase takes the global plugin loader
+        self.action._low_level_execute_command = self.shell
+        self.action._execute_module = self.module
+
+    def shell(self, cmd, executable=None, **kwargs):
+        assert executable == "/bin/sh"
+        self.commands.append(cmd)
+        if cmd.startswith("r() {"):
+            return {"rc": 0, "stdout": self.stdout, "stderr": ""}
+        return {"rc": 0, "stdout": "", "stderr": ""}
+
+    def module(self, module_name=None, module_args=None, task_vars=None, **kwargs):
+        self.calls.append((module_name, dict(module_args)))
+        return dict(self.results[module_name])
+
+    def run(self):
+        return self.action.run(task_vars={})
+
+    def modules(self):
+        return [(name.rsplit(".", 1)[1], args.get("state")) for name, args in self.calls]
+
+    def records(self):
+        return [cmd for cmd in self.commands if "umask 077" in cmd]
+
+
+def present_args(**kwargs):
+    args = {"state": "present", "options": dict(VM_OPTIONS), "cluster_env": None, "port": 22,
+            "persist_dir": PERSIST_DIR, "persist_files": [{"name": "meshcapture-restore.sh", "content": SCRIPT,
+                                                           "mode": "0755"}],
+            "persist_extra_files": [{"path": UNIT, "content": UNIT_TEXT, "mode": "0644"}]}
+    args.update(kwargs)
+    return args
+
+
+def routing_key(routes=None):
+    fake = Fake(present_args(), host_output())
+    return fake.action._routing_key(routes or WANTED_IPV6)
+
+
+def test_fresh_host_runs_every_module_and_records_the_routing():
+    fake = Fake(present_args(), host_output(persisted=["-"] * 5),
+                {"meshcapture.sidecar.rules": {"changed": True, "restore": dict(RESTORE), "backend": "iptables-nft"},
+                 "meshcapture.sidecar.routes": {"changed": True, "added": ["ip -6 addr: ::6/128 dev lo"]}})
+    result = fake.run()
+    assert fake.modules() == [("rules", "present"), ("routes", "present"), ("persist", "present")]
+    rules_args = fake.calls[0][1]
+    assert rules_args == {"state": "present", "inbound_ports_include": "*", "inbound_ports_exclude": "22,15090",
+                          "outbound_ip_ranges_include": "*", "enable_inbound_ipv6": True}
+    assert fake.calls[1][1] == {"state": "present", "inbound_tproxy_mark": 1337, "inbound_tproxy_route_table": 133,
+                                "manage_tproxy_routes": False, "enable_inbound_ipv6": True, "ipv6": True}
+    persist_args = fake.calls[2][1]
+    names = [f["name"] for f in persist_args["files"]]
+    assert names == ["rules.v4", "rules.v6", "routes.env", "meshcapture-restore.sh"]
+    assert persist_args["files"][2]["content"] == routes_env("iptables-nft", WANTED_IPV6)
+    assert persist_args["extra_files"] == [{"path": UNIT, "content": UNIT_TEXT, "mode": "0644"}]
+    assert (persist_args["path"], persist_args["owner"], persist_args["group"]) == (PERSIST_DIR, "root", "root")
+    assert len(fake.records()) == 1 and routing_key() in fake.records()[0]
+    assert result["changed"] is True
+    assert result["backend"] == "iptables-nft" and result["restore"] == RESTORE
+    assert result["routes"]["added"] == ["ip -6 addr: ::6/128 dev lo"]
+    assert result["persisted"]["written"] == ["x"]
+    assert result["plan"]["routes_wanted"] == WANTED_IPV6
+
+
+def test_no_op_runs_only_rules():
+    record = "%s %s" % (routing_key(), ROUTING_DIGEST)
+    fake = Fake(present_args(), host_output(routes_env_text=routes_env("iptables-nft", WANTED_IPV6),
+                                            persisted=persisted_lines(), record=record, systemd=True))
+    result = fake.run()
+    assert fake.modules() == [("rules", "present")]
+    assert fake.records() == []
+    assert result["changed"] is False
+    assert result["routes"] == {"changed": False, "skipped_module": True, "added": [], "removed": []}
+    assert result["persisted"] == {
+        "changed": False, "path": PERSIST_DIR, "written": [], "removed": [], "systemd_running": True,
+        "existing": [PERSIST_DIR + "/rules.v4", PERSIST_DIR + "/rules.v6", PERSIST_DIR + "/routes.env",
+                     PERSIST_DIR + "/meshcapture-restore.sh", UNIT]}
+
+
+def test_no_op_without_persistence_runs_only_rules():
+    # No routes.env (capture_persist: false): nothing else to remove, the record decides.
+    record = "%s %s" % (routing_key(), ROUTING_DIGEST)
+    fake = Fake(present_args(persist=False), host_output(record=record))
+    result = fake.run()
+    assert fake.modules() == [("rules", "present")]
+    assert "persisted" not in result and "persisted" not in fake.commands[0]
+
+
+@pytest.mark.parametrize("record, persisted, modules", [
+    pytest.param("%s %s" % ("0" * 64, ROUTING_DIGEST), None, [("rules", "present"), ("routes", "present")],
+                 id="record-of-other-arguments"),
+    pytest.param("KEY %s" % ("e" * 64), None, [("rules", "present"), ("routes", "present")],
+                 id="routing-changed-since"),
+    pytest.param("-", None, [("rules", "present"), ("routes", "present")], id="no-record"),
+    pytest.param("KEY " + ROUTING_DIGEST, persisted_lines()[:4] + ["-"],
+                 [("rules", "present"), ("persist", "present")], id="unit-file-gone"),
+    pytest.param("KEY " + ROUTING_DIGEST, persisted_lines(backend="iptables-legacy"),
+                 [("rules", "present"), ("persist", "present")], id="routes-env-differs"),
+])
+def test_drift_runs_the_module_it_concerns(record, persisted, modules):
+    record = record.replace("KEY", routing_key())
+    fake = Fake(present_args(), host_output(routes_env_text=routes_env("iptables-nft", WANTED_IPV6),
+                                            persisted=persisted or persisted_lines(), record=record))
+    fake.run()
+    assert fake.modules() == modules
+
+
+def test_mode_switch_removes_the_earlier_routing_first():
+    options = dict(VM_OPTIONS, enable_inbound_ipv6=False)
+    fake = Fake(present_args(options=options),
+                host_output(routes_env_text=routes_env("iptables-nft", TPROXY_140), persisted=persisted_lines()))
+    result = fake.run()
+    assert fake.modules() == [("rules", "present"), ("routes", "absent"), ("persist", "present")]
+    assert fake.calls[1][1] == {"state": "absent", "inbound_tproxy_mark": 1400, "inbound_tproxy_route_table": 140,
+                                "manage_tproxy_routes": True, "enable_inbound_ipv6": False, "ipv6": False}
+    assert "routes_removed" in result and "routes" not in result
+
+
+def test_check_mode_records_nothing():
+    fake = Fake(present_args(), host_output(persisted=["-"] * 5), check_mode=True)
+    fake.run()
+    assert fake.modules() == [("rules", "present"), ("routes", "present"), ("persist", "present")]
+    assert fake.records() == []
+
+
+def test_routes_warning_records_nothing():
+    fake = Fake(present_args(), host_output(persisted=["-"] * 5),
+                {"meshcapture.sidecar.routes": {"changed": False, "warnings": ["IPv6 is disabled on lo"]}})
+    result = fake.run()
+    assert fake.records() == []
+    assert result["warnings"] == ["IPv6 is disabled on lo"]
+
+
+@pytest.mark.parametrize("options, cluster_env, message", [
+    pytest.param({"inbound_ports_include": "8080,22"}, None, (
+        "capture_inbound_ports_include includes port 22 in the inbound capture, and Ansible is connected to this "
+        "host on that port (ansible_port): capturing it would cut off this connection and every later one. "
+        "Remove port 22 from capture_inbound_ports_include, or set capture_connection_guard to false if the "
+        "connection does not go through that port."), id="explicit"),
+    pytest.param({}, "ISTIO_INBOUND_PORTS='22'", (
+        "ISTIO_INBOUND_PORTS in /e/cluster.env includes port 22 in the inbound capture, and Ansible is connected "
+        "to this host on that port (ansible_port): capturing it would cut off this connection and every later "
+        "one. Remove port 22 from ISTIO_INBOUND_PORTS in /e/cluster.env, or set capture_connection_guard to false "
+        "if the connection does not go through that port."), id="cluster-env"),
+])
+def test_guard_refuses_before_any_module(options, cluster_env, message):
+    fake = Fake(present_args(options=options, cluster_env="/e/cluster.env" if cluster_env else None),
+                host_output(cluster_env=cluster_env))
+    result = fake.run()
+    assert fake.modules() == []
+    assert result["failed"] is True and result["msg"] == message
+
+
+def test_guard_off_lets_the_port_through():
+    fake = Fake(present_args(options={"inbound_ports_include": "8080,22"}, connection_guard=False),
+                host_output(persisted=["-"] * 5))
+    fake.run()
+    assert fake.calls[0][1]["inbound_ports_include"] == "8080,22"
+
+
+def test_missing_cluster_env_fails_before_any_module():
+    fake = Fake(present_args(cluster_env="/no/cluster.env"), host_output())
+    with pytest.raises(AnsibleActionFail, match="^capture_cluster_env: /no/cluster.env does not exist on the host "
+                                                "or cannot be read$"):
+        fake.run()
+    assert fake.modules() == []
+
+
+def test_read_failure_is_reported():
+    fake = Fake(present_args(), host_output())
+    fake.action._low_level_execute_command = lambda cmd, **kw: {"rc": 127, "stdout": "", "stderr": "sh: not found"}
+    with pytest.raises(AnsibleActionFail, match=r"^could not read \(no capture_cluster_env\) and /etc/meshcapture/"
+                                                r"routes.env on the host \(rc=127\): sh: not found$"):
+        fake.run()
+
+
+@pytest.mark.parametrize("failing, modules, message", [
+    pytest.param("meshcapture.sidecar.rules", [("rules", "present")], "bad option", id="rules"),
+    pytest.param("meshcapture.sidecar.routes", [("rules", "present"), ("routes", "present")], "routes: bad option",
+                 id="routes"),
+    pytest.param("meshcapture.sidecar.persist", [("rules", "present"), ("routes", "present"), ("persist", "present")],
+                 "persist: bad option", id="persist"),
+])
+def test_a_failing_module_stops_the_run(failing, modules, message):
+    fake = Fake(present_args(), host_output(persisted=["-"] * 5), {failing: {"failed": True, "msg": "bad option"}})
+    result = fake.run()
+    assert fake.modules() == modules
+    assert result["failed"] is True and result["msg"] == message
+
+
+def test_plan_only_runs_no_module():
+    fake = Fake(present_args(plan_only=True), host_output())
+    result = fake.run()
+    assert fake.modules() == []
+    assert result == {"changed": False, "plan": result["plan"]}
+    assert "routing" not in fake.commands[0] and "persisted" not in fake.commands[0]
+
+
+@pytest.mark.parametrize("routes_env_text, removed", [
+    pytest.param(None, [{"tproxy": True, "mark": 1337, "table": 133, "ipv6": False}], id="no-record"),
+    pytest.param(routes_env("iptables-nft", TPROXY_140),
+                 [{"tproxy": True, "mark": 1337, "table": 133, "ipv6": False}, TPROXY_140], id="recorded-routing"),
+])
+def test_absent_removes_rules_then_every_routing(routes_env_text, removed):
+    fake = Fake({"state": "absent", "options": {"backend": "iptables-legacy", "state_dir": "/s", "proxy_port": 1},
+                 "cluster_env": None, "persist_dir": PERSIST_DIR}, host_output(routes_env_text=routes_env_text),
+                {"meshcapture.sidecar.rules": {"changed": True, "removed": ["x"], "backend": "iptables-legacy"}})
+    result = fake.run()
+    assert fake.calls[0] == ("meshcapture.sidecar.rules", {"state": "absent", "backend": "iptables-legacy",
+                                                           "state_dir": "/s"})
+    assert [args for dummy, args in fake.calls[1:]] == [
+        {"state": "absent", "inbound_tproxy_mark": item["mark"], "inbound_tproxy_route_table": item["table"],
+         "manage_tproxy_routes": item["tproxy"], "enable_inbound_ipv6": item["ipv6"], "ipv6": True}
+        for item in removed]
+    assert result["changed"] is True and result["removed"] == ["x"]
+    assert len(result["routes_removed"]) == len(removed)
+
+
+def test_diffs_of_all_modules_are_returned():
+    fake = Fake(present_args(), host_output(persisted=["-"] * 5),
+                {"meshcapture.sidecar.rules": {"changed": True, "restore": dict(RESTORE), "backend": "iptables-nft",
+                                               "diff": {"before": "a", "after": "b"}},
+                 "meshcapture.sidecar.persist": {"changed": True, "diff": [{"before": "", "after": "c"}],
+                                                 "systemd_running": False}})
+    result = fake.run()
+    assert result["diff"] == [{"before": "a", "after": "b"}, {"before": "", "after": "c"}]
+
+
+def test_unknown_option_is_refused():
+    fake = Fake(dict(present_args(), bogus=1), host_output())
+    with pytest.raises(AnsibleActionFail, match="bogus"):
+        fake.run()
+
+
+def test_documented_options_match_the_argument_spec():
+    import yaml
+    from ansible_collections.meshcapture.sidecar.plugins.modules import capture as doc
+    documented = yaml.safe_load(doc.DOCUMENTATION)["options"]
+    assert sorted(documented) == sorted(capture.ARGUMENT_SPEC)
+    for name, spec in capture.ARGUMENT_SPEC.items():
+        assert documented[name]["type"] == spec["type"], name
+        assert documented[name].get("default") == spec.get("default"), name
+
+
+def test_nftables_backend_persists_the_nft_payload():
+    restore = dict(RESTORE, nft="table inet istio-proxy-nat {}\n")
+    fake = Fake(present_args(options=dict(VM_OPTIONS, backend="nftables")), host_output(persisted=["-"] * 6),
+                {"meshcapture.sidecar.rules": {"changed": True, "restore": restore, "backend": "nftables"}})
+    fake.run()
+    files = fake.calls[-1][1]["files"]
+    assert [f["name"] for f in files] == ["rules.v4", "rules.v6", "rules.nft", "routes.env", "meshcapture-restore.sh"]
+    assert files[2]["content"] == restore["nft"]
+    assert "MESHCAPTURE_IPTABLES_BACKEND=nftables\n" in files[3]["content"]
+    assert fake.commands[0].count("/etc/meshcapture/rules.nft") == 1
+
+
+def test_unreadable_routing_state_never_matches_a_record():
+    # The read prints '-' for the digest when the ip command fails; a record '<key> -' must not skip routes.
+    fake = Fake(present_args(persist=False), host_output())
+    routing = "#meshcapture-file routing\n%s\n%s\n" % (ROUTING_DIGEST, "-")
+    assert fake.stdout.endswith(routing)
+    fake.stdout = fake.stdout[:-len(routing)] + "#meshcapture-file routing\n-\n%s -\n" % routing_key()
+    fake.run()
+    assert fake.modules() == [("rules", "present"), ("routes", "present")]
+    assert '[ "$d" != - ]' in fake.records()[0]
