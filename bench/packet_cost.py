@@ -147,7 +147,7 @@ class Variant:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds of 1,000 connections")
     ap.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
     ap.add_argument("--connections", type=int, help="connections per round and variant (default 3,000)")

@@ -5,6 +5,7 @@
 #   restore_test.sh NAME PERSIST_DIR [MARK TABLE]
 #
 # 1. On the live host the script must change nothing.
+#    (iptables backends: rules.v4 / rules.v6; nftables: rules.nft)
 # 2. With MARK and TABLE: a simulated reboot (netns.sh reboot) drops the
 #    capture; the script must bring back exactly the state before, and a
 #    second run must change nothing.
@@ -36,7 +37,7 @@ echo "ok: the live capture was left alone"
 if [ $# -ge 4 ]; then
     "$here/netns.sh" reboot "$ns" "$3" "$4"
     $snap >"$tmp/rebooted"
-    if grep -q ISTIO "$tmp/rebooted"; then fail "the simulated reboot left capture rules"; fi
+    if grep -Eq 'ISTIO|istio-proxy-' "$tmp/rebooted"; then fail "the simulated reboot left capture rules"; fi
     echo "restore script after a simulated reboot:"
     run_script "$tmp/out-boot"
     $snap >"$tmp/restored"
@@ -44,7 +45,7 @@ if [ $# -ge 4 ]; then
     echo "ok: the capture is back exactly as applied"
     echo "restore script once more:"
     run_script "$tmp/out-again"
-    if grep -Eq ' added|v[46] restored' "$tmp/out-again"; then fail "the second run changed something"; fi
+    if grep -Eq ' added|(v[46]|nft) restored' "$tmp/out-again"; then fail "the second run changed something"; fi
     $snap >"$tmp/again"
     same "$tmp/applied" "$tmp/again" "the second run changed the state"
     echo "ok: the second run changed nothing"

@@ -134,7 +134,7 @@ class Engine(object):
         # The canonical form depends on the iptables binaries and, for owner
         # names, on the user and group databases: all part of the key.
         stamps = [mtime(p) for p in (self._bin(family, "save"), self._bin(family, "restore"),
-                                      "/etc/passwd", "/etc/group")]
+                                     "/etc/passwd", "/etc/group")]
         key = hashlib.sha256(json.dumps([self.backend, family, payload, stamps]).encode("utf-8")).hexdigest()
         return os.path.join(self.state_dir, "canonical", key + ".save")
 
@@ -371,4 +371,3 @@ class Engine(object):
             os.unlink(self._record_path())
         except OSError:
             pass
-

@@ -69,7 +69,6 @@ def parse_save(text):
     return tables
 
 
-
 def format_owned(view):
     """iptables-save-like text of capture-owned chains ({table: {chain: [spec]}})."""
     lines = []

@@ -23,6 +23,10 @@ description:
     behind, without needing the options the capture was applied with.
   - O(state=rendered) only computes the ruleset; it needs no privileges and touches nothing.
   - If a restore fails, every table changed so far (of either family) is put back as it was, counters included.
+  - With O(backend=nftables) the capture is native nftables instead, the tables C(istio-proxy-raw),
+    C(istio-proxy-mangle) and C(istio-proxy-nat) of family C(inet), which it owns whole, with named sets for
+    port and CIDR lists. They are read with one command (C(nft -j list chains) and C(nft -j list table) of the
+    capture's tables) and changed with one atomic C(nft -f) transaction; O(state=absent) deletes them.
 author:
   - meshcapture maintainers (@meshcapture)
 extends_documentation_fragment:
@@ -39,9 +43,19 @@ options:
     description:
       - Which iptables binaries to use. V(auto) uses C(iptables-legacy) only where legacy tables already hold
         rules (as istio does), C(iptables-nft) otherwise.
+      - V(nftables) writes native nftables tables (family C(inet)) with C(nft) instead of iptables rules.
+      - Only one backend's capture can be in place. When a capture of another backend is found, O(state=present)
+        fails before changing anything, unless O(migrate) is set.
     type: str
-    choices: [auto, iptables-nft, iptables-legacy]
+    choices: [auto, iptables-nft, iptables-legacy, nftables]
     default: auto
+  migrate:
+    description:
+      - With O(state=present), replace a capture of another backend (iptables backends and V(nftables)) in this
+        run. The new capture is applied first, in one transaction, then the old one removed, in another.
+      - With O(state=absent), remove the captures of both kinds.
+    type: bool
+    default: false
   proxy_port:
     description: Port the proxy's outbound listener captures on (C(-p) / E(ENVOY_PORT)).
     type: int
@@ -163,6 +177,7 @@ notes:
 requirements:
   - iptables (C(iptables-nft-save) and friends, or the legacy ones), C(unshare) (util-linux)
   - C(nft) to remove tables the capture created, on the nft backend
+  - For O(backend=nftables), C(nft) (nftables package) and C(unshare) only
 seealso:
   - module: meshcapture.sidecar.routes
   - name: istio-iptables
@@ -195,6 +210,14 @@ EXAMPLES = r"""
 - name: Remove the capture, whatever it was applied with
   meshcapture.sidecar.rules:
     state: absent
+
+- name: Native nftables capture, replacing an iptables capture applied before
+  meshcapture.sidecar.rules:
+    backend: nftables
+    migrate: true
+    inbound_ports_include: ['*']
+    outbound_ip_ranges_include: ['*']
+    outbound_ip_ranges_exclude: '169.254.169.254/32,10.96.0.0/12'
 """
 
 RETURN = r"""
@@ -215,17 +238,32 @@ restore:
     ipv6:
       description: Payload for ip6tables-restore; empty unless O(enable_inbound_ipv6).
       type: str
+    nft:
+      description:
+        - The C(nft -f) payload that creates the capture's C(inet) tables (no delete or flush lines).
+        - Only with O(backend=nftables).
+      type: str
+      returned: when backend is nftables
 backend:
-  description: The iptables binaries used, or that would be used.
+  description: The backend used (iptables binaries, or V(nftables)), or that would be used.
   returned: always
   type: str
   sample: iptables-nft
+migrated_from:
+  description: Backends whose capture was removed by O(migrate) (or would be, in check mode).
+  returned: when state is present or absent
+  type: list
+  elements: str
+  sample: [iptables-nft]
 config:
   description: The effective options after validation and defaults (DNS servers as read from resolv.conf).
   returned: always
   type: dict
 added:
-  description: Rules added, as C(<family> -t <table> -A <chain> <spec>) in iptables-save form.
+  description:
+    - Rules added, as C(<family> -t <table> -A <chain> <spec>) in iptables-save form.
+    - 'With O(backend=nftables), as C(inet <table> chain <chain>: <rule>) and C(inet <table> set <set>: <element>)
+      in C(nft list) form.'
   returned: when state is present or absent
   type: list
   elements: str
@@ -252,13 +290,9 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.meshcapture.sidecar.plugins.module_utils import (
     capture_config,
     capture_generator,
+    capture_nft,
+    capture_nft_rules,
     capture_rules,
-)
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import (
-    Engine,
-    binary_names,
-    choose_backend,
-    legacy_tables_loaded,
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (
     DEFAULTS,
@@ -266,24 +300,17 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config
     CaptureError,
     CaptureConfig,
 )
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_converge import NFTABLES, Host, converge
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_generator import generate
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import render_nft, render_nft_payload
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules import (
     FAMILIES,
-    IPV4,
-    IPV6,
-    Ruleset,
     render_commands,
     render_restore,
 )
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import count_rules, format_owned
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import RenderMemo, memo_key
 
 C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
-INSTALL_HINTS = {
-    "unshare": "install util-linux",
-    "*": "install the iptables package (Debian/Ubuntu: apt-get install iptables; "
-         "RHEL/Fedora: dnf install iptables-nft, or iptables-legacy for the legacy backend)",
-}
 
 
 def _list(default=None):
@@ -295,7 +322,8 @@ def _list(default=None):
 
 ARGUMENT_SPEC = dict(
     state=dict(type="str", default="present", choices=["present", "absent", "rendered"]),
-    backend=dict(type="str", default="auto", choices=["auto", "iptables-nft", "iptables-legacy"]),
+    backend=dict(type="str", default="auto", choices=["auto", "iptables-nft", "iptables-legacy", NFTABLES]),
+    migrate=dict(type="bool", default=False),
     state_dir=dict(type="path", default="/run/meshcapture"),
     proxy_port=dict(type="int", default=15001),
     inbound_capture_port=dict(type="int", default=15006),
@@ -353,28 +381,6 @@ class _Runner(object):
         return self.module.run_command(argv, data=data, binary_data=True, environ_update=C_LOCALE)
 
 
-def _detect_backend(module, requested, runner):
-    if requested != "auto":
-        return requested
-
-    def legacy_rule_count():
-        total = 0
-        for family in FAMILIES:
-            save = module.get_bin_path(binary_names("iptables-legacy")[family][0])
-            if save:
-                rc, out, dummy = runner([save])
-                total += count_rules(out) if rc == 0 else 0
-        return total
-
-    return choose_backend(requested, legacy_tables_loaded(_read_text), legacy_rule_count)
-
-
-def _diff(plans, backend):
-    return [dict(before_header="%s (%s)" % (family, backend), after_header="%s (%s)" % (family, backend),
-                 before=format_owned(plan.before), after=format_owned(plan.after))
-            for family, plan in plans.items()]
-
-
 def _stamp(path):
     try:
         st = os.stat(path)
@@ -400,7 +406,8 @@ def _code_digest(*modules):
 
 def _memo_key(params):
     """The key of this run's rendering (None: do not memoise)."""
-    code = _code_digest(sys.modules[__name__], capture_config, capture_generator, capture_rules)
+    code = _code_digest(sys.modules[__name__], capture_config, capture_generator, capture_rules, capture_nft,
+                        capture_nft_rules)
     if code is None:
         return None
     # What validation and generation read from the host: resolv.conf for the
@@ -424,6 +431,13 @@ def _render(module, params, state):
         config=cfg.to_dict(),
         warnings=list(cfg.warnings),
     )
+    if params["backend"] == NFTABLES and state != "absent":
+        try:
+            nft = render_nft(ruleset)
+        except CaptureError as err:
+            module.fail_json(msg=str(err), **_public(rendered))
+        rendered["restore"]["nft"] = render_nft_payload(nft)
+        rendered["nft_tables"] = dict((name, nft.table_text(name)) for name in nft.tables)
     if state == "present":
         try:
             cfg.check_owner_names(_exists(pwd.getpwnam), _exists(grp.getgrnam))
@@ -449,6 +463,12 @@ class _LazyRuleset(object):
         return self._ruleset[family]
 
 
+def _warn(module, job):
+    for warning in job["warnings"]:
+        module.warn(warning)
+    del job["warnings"][:]
+
+
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
@@ -471,40 +491,19 @@ def main():
         result["backend"] = p["backend"] if p["backend"] != "auto" else "iptables-nft"
         module.exit_json(**result)
 
-    backend = _detect_backend(module, p["backend"], runner)
-    result["backend"] = backend
-    families = [IPV4]
-    v6_tools = [module.get_bin_path(name) for name in binary_names(backend)[IPV6]]
-    if not os.path.exists("/proc/net/if_inet6"):
-        if rendered["restore"][IPV6]:
-            module.warn("IPv6 is disabled in this kernel: the IPv6 capture rules are skipped")
-    elif rendered["restore"][IPV6] or all(v6_tools):
-        # Without IPv6 rules wanted, IPv6 is still converged (old rules removed) where ip6tables exists.
-        families.append(IPV6)
-    paths = {"nft": module.get_bin_path("nft")}
-    names = [name for family in families for name in binary_names(backend)[family]] + ["unshare"]
-    for name in names:
-        paths[name] = module.get_bin_path(name)
-        if not paths[name]:
-            module.fail_json(msg="%s not found on the target: %s" % (name, INSTALL_HINTS.get(name, INSTALL_HINTS["*"])),
-                             **result)
-
-    if state == "absent":
-        wanted, payloads = Ruleset(), dict((family, "") for family in FAMILIES)
-    else:
-        wanted, payloads = ruleset, rendered["restore"]
-    engine = Engine(runner, backend, paths, p["state_dir"], families=families, check_mode=module.check_mode)
+    job = dict(state_dir=p["state_dir"], check_mode=module.check_mode, migrate=p["migrate"], warnings=[],
+               backend=p["backend"])
+    host = Host(runner, module.get_bin_path, _read_text)
     try:
-        plans, lives = engine.plan(wanted, payloads, defer=not module.check_mode)
-        changed = any(plan.changed for plan in plans.values())
-        if changed and not module.check_mode:
-            engine.apply(plans, lives)
+        done = converge(host, p["backend"], state, rendered, ruleset, job)
     except ApplyError as err:
-        module.fail_json(msg=err.msg, cmd=" ".join(err.cmd or []), rc=err.rc, stderr=err.stderr or "", **result)
+        _warn(module, job)
+        module.fail_json(msg=err.msg, cmd=" ".join(err.cmd or []), rc=err.rc, stderr=err.stderr or "",
+                         backend=job["backend"], **result)
     except CaptureError as err:
-        module.fail_json(msg=str(err), **result)
-    for warning in engine.warnings:
-        module.warn(warning)
+        _warn(module, job)
+        module.fail_json(msg=str(err), backend=job["backend"], **result)
+    _warn(module, job)
     if key and fresh and not module.check_mode:
         try:
             memo.store(key, rendered)
@@ -513,14 +512,11 @@ def main():
     elif state == "absent" and not module.check_mode:
         RenderMemo(p["state_dir"]).remove()
 
-    result.update(
-        changed=changed,
-        added=[line for plan in plans.values() for line in plan.added],
-        removed=[line for plan in plans.values() for line in plan.removed],
-    )
+    result.update(backend=job["backend"], changed=done["changed"], added=done["added"], removed=done["removed"],
+                  migrated_from=done["migrated_from"])
     result["summary"] = dict(added=len(result["added"]), removed=len(result["removed"]))
     if module._diff:
-        result["diff"] = _diff(plans, backend)
+        result["diff"] = done["diff"]
     module.exit_json(**result)
 
 

@@ -19,6 +19,9 @@ from rules_helpers import apply, ok
 
 pytestmark = pytest.mark.netns
 
+# The same probes and expected landing places for every backend.
+BACKENDS = ["iptables-nft", "nftables"]
+
 APP_UID = 1000
 PROXY_UID = 1337
 
@@ -47,12 +50,13 @@ def build(topo):
     return host, peer
 
 
-@pytest.fixture(scope="module")
-def captured(tmp_path_factory):
-    """(host, peer) with CAPTURE applied on the host."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def captured(request, tmp_path_factory):
+    """(host, peer) with CAPTURE applied on the host, with each backend."""
     with netns.Topology() as topo:
         host, peer = build(topo)
-        result = ok(apply(host, tmp_path_factory.mktemp("traffic"), **CAPTURE))
+        result = ok(apply(host, tmp_path_factory.mktemp("traffic"), backend=request.param, **CAPTURE))
+        assert result["backend"] == request.param
         assert result["changed"] is True
         yield host, peer
 
@@ -166,10 +170,11 @@ def test_dns_from_the_proxy_reaches_the_resolver(captured, family, proto):
 
 # ------------------------------------------------------ other inbound modes
 @FAMILY
-def test_inbound_port_list(topology, tmp_path, family):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inbound_port_list(topology, tmp_path, family, backend):
     """inbound_ports_include ['8080']: 8080 lands on 15006, 8081 reaches the app."""
     host, peer = build(topology)
-    ok(apply(host, tmp_path, inbound_ports_include=["8080"], enable_inbound_ipv6=True))
+    ok(apply(host, tmp_path, backend=backend, inbound_ports_include=["8080"], enable_inbound_ipv6=True))
     a = ADDR[family]
     answer, dummy = connect(host, 15006, family, peer, a["host"], dport=8080, banner="INBOUND")
     assert answer["ok"] and answer["banner"] == "INBOUND", answer
@@ -179,13 +184,14 @@ def test_inbound_port_list(topology, tmp_path, family):
 
 
 @FAMILY
-def test_inbound_tproxy(topology, tmp_path, family):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inbound_tproxy(topology, tmp_path, family, backend):
     """TPROXY (with meshcapture.sidecar.routes for the mark's local route): the
     transparent 15006 listener sees the original destination as its local
     address; excluded ports reach the app."""
     host, peer = build(topology)
     ok(run_module("routes", dict(enable_inbound_ipv6=True), netns=host))
-    ok(apply(host, tmp_path, inbound_interception_mode="TPROXY", inbound_ports_include=["*"],
+    ok(apply(host, tmp_path, backend=backend, inbound_interception_mode="TPROXY", inbound_ports_include=["*"],
              inbound_ports_exclude=["8081"], enable_inbound_ipv6=True))
     a = ADDR[family]
     answer, dummy = connect(host, 15006, family, peer, a["host"], dport=8080, banner="INBOUND", transparent=True)

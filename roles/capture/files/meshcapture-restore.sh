@@ -1,12 +1,14 @@
 #!/bin/sh
 # Managed by Ansible (meshcapture.sidecar.capture).
 # Restores the Istio sidecar traffic capture at boot (systemd unit
-# meshcapture-capture.service): the iptables rules from rules.v4 / rules.v6,
+# meshcapture-capture.service): the iptables rules from rules.v4 / rules.v6
+# or, with the nftables backend, the nftables tables from rules.nft,
 # the TPROXY policy routing and the IPv6 inbound address from routes.env,
 # all in the directory of this script. The script itself is the same on
 # every host; routes.env holds the settings.
-# Idempotent: a ruleset already in place (ISTIO_OUTPUT in the nat table) is
-# left alone, and routing objects are added only when missing.
+# Idempotent: a ruleset already in place (ISTIO_OUTPUT in the nat table, or
+# an inet istio-proxy-* table) is left alone, and routing objects are added
+# only when missing.
 set -u
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH LC_ALL=C
@@ -19,9 +21,11 @@ fail() { log "ERROR: $*" >&2; status=1; }
 
 # shellcheck disable=SC1091
 . "$DIR/routes.env" || { log "ERROR: cannot read $DIR/routes.env" >&2; exit 1; }
-# The iptables variant the rules were applied with (iptables-nft-restore or
-# iptables-legacy-restore); routes.env of older releases does not say: nft.
-case "${MESHCAPTURE_IPTABLES_BACKEND:-iptables-nft}" in
+# The backend the rules were applied with (iptables-nft-restore,
+# iptables-legacy-restore, or nft -f for nftables); routes.env of older
+# releases does not say: iptables-nft.
+BACKEND=${MESHCAPTURE_IPTABLES_BACKEND:-iptables-nft}
+case "$BACKEND" in
     iptables-legacy) SUFFIX=legacy ;;
     *) SUFFIX=nft ;;
 esac
@@ -64,6 +68,20 @@ restore_rules() {  # iptables or ip6tables, payload file
     fi
 }
 
+restore_nft() {  # payload file (nft -f, one transaction)
+    file=$1
+    [ -s "$file" ] || return 0
+    if nft list tables inet 2>/dev/null | grep -q '^table inet istio-proxy-'; then
+        log "nft: the capture is already in place, $file not restored"
+        return 0
+    fi
+    if nft -f "$file"; then
+        log "nft: $file restored"
+    else
+        fail "nft -f $file failed"
+    fi
+}
+
 # Addresses and routes first, then rules (as meshcapture.sidecar.routes does).
 if [ "$MESHCAPTURE_INBOUND_IPV6" = true ]; then
     if ! ipv6_usable; then
@@ -83,6 +101,10 @@ if [ "$MESHCAPTURE_TPROXY_ROUTES" = true ]; then
     fi
 fi
 
+if [ "$BACKEND" = nftables ]; then
+    restore_nft "$DIR/rules.nft"
+    exit "$status"
+fi
 restore_rules iptables "$DIR/rules.v4"
 if [ -s "$DIR/rules.v6" ]; then
     if [ -e /proc/net/if_inet6 ]; then
