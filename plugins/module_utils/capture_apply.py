@@ -84,7 +84,6 @@ def choose_backend(requested, legacy_loaded, legacy_rule_count):
     return "iptables-nft"
 
 
-
 # ------------------------------------------------------------------ engine
 class Engine(object):
     """Reads, plans and applies capture rulesets on one host.
