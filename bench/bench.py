@@ -32,6 +32,11 @@ Variants (bench/README.md describes them in full):
   processes, timed by a wrapper around the module interpreter);
 * memory: max RSS of the module process (the module file run directly).
 
+The rules and scale variants run for each backend of --backends
+(iptables-nft, through the module's default `auto`, and nftables), side by
+side in the same rounds; the nftables counterpart of the bare restore is a
+bare `nft -f` of the same payload (bench/scale.py).
+
 Exit status: 0 when every goal holds, 1 when a goal is missed, 2 when the
 benchmark itself failed. Everything (state dirs, persist dirs, playbooks,
 Ansible temp dirs) lives in one temporary directory, removed at the end.
@@ -68,16 +73,8 @@ sys.path.insert(0, str(COLLECTIONS))
 import netns  # noqa: E402  (tests/netns.py: the namespace harness)
 import yaml  # noqa: E402
 
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (  # noqa: E402
-    DEFAULTS,
-    CaptureConfig,
-)
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_generator import generate  # noqa: E402
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules import (  # noqa: E402
-    FAMILIES,
-    render_commands,
-    render_restore,
-)
+import scale  # noqa: E402  (bench/scale.py: the scale series and the nftables backend)
+from scale import BACKENDS, NFT, RENDER_REPEAT, SCALE_POINTS, SCALE_PORTS, render  # noqa: E402
 
 # The VM-style configuration: what `istioctl x workload entry configure`
 # puts in a VM's cluster.env (inbound '*', outbound '*', the usual
@@ -93,14 +90,11 @@ VM_CAPTURE = {
     "dns_servers_v6": ["2001:db8::53"],
     "enable_inbound_ipv6": True,
 }
-SCALE_POINTS = (10, 100, 1000, 10000)
-SCALE_PORTS = 1000
 FLEET_SIZES = (1, 5, 20, 50)  # --fleet-sizes; the goals use GOAL_FLEET
 GOAL_FLEET = 20
 FLEET_FORKS = 10
 GROUPS = ("floor", "vm", "perrule", "scale", "fleet")  # --only
 ISTIO_CHECK_SAMPLE = 40  # iptables -C processes per scale point (the total is extrapolated)
-RENDER_REPEAT = 3  # in-process renders per run and scale point (cheap; all are samples)
 
 ANSIBLE_TIMEOUT = 900.0
 COMMAND_TIMEOUT = 300.0
@@ -116,28 +110,9 @@ class TimeLimit(BenchError):
 
 
 # --------------------------------------------------------------- helpers
-def scale_capture(n_cidrs: int, n_ports: int = SCALE_PORTS) -> dict:
-    """The VM configuration with n distinct /32 CIDRs and n_ports distinct ports excluded."""
-    cidrs = ["10.%d.%d.%d/32" % (i >> 16 & 255, i >> 8 & 255, i & 255) for i in range(1, n_cidrs + 1)]
-    ports = [str(30000 + i) for i in range(n_ports)]
-    return dict(VM_CAPTURE, outbound_ip_ranges_exclude=cidrs, outbound_ports_exclude=ports)
-
-
-def build(capture: dict):
-    """(CaptureConfig, Ruleset) of module options, as the module computes them."""
-    params = dict(DEFAULTS)
-    params.update(capture)
-    cfg = CaptureConfig.from_params(params)
-    return cfg, generate(cfg)
-
-
-def render(capture: dict):
-    """Render the way state=rendered does: validate, generate, commands and restore payloads."""
-    cfg, ruleset = build(capture)
-    commands = render_commands(ruleset)
-    payloads = {family: render_restore(ruleset, family) for family in FAMILIES}
-    cfg.to_dict()
-    return ruleset, commands, payloads
+def scale_capture(n_cidrs: int) -> dict:
+    """The VM configuration with n_cidrs /32 CIDRs and SCALE_PORTS ports excluded (none adjacent)."""
+    return scale.scale_capture(VM_CAPTURE, n_cidrs)
 
 
 def median(values):
@@ -426,20 +401,26 @@ class Bench:
         self.check_time()
         args = self.path("module-args", ".json")
         args.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": dict(capture, state="present", state_dir=str(state_dir))}))
-        # The module file runs as __main__ (like `python rules.py args.json`)
-        # and reports its peak RSS at exit: VmHWM, the high-water mark of
-        # this process's own memory since it was exec'd. (getrusage's
-        # ru_maxrss would also count the memory of the process that forked
-        # it, here this benchmark, carried over across exec.)
+        # The module file runs as __main__ (like `python rules.py args.json`,
+        # with a source loader, so that the module can hash its own source
+        # for its rendering memo: runpy.run_path leaves __loader__ unset and
+        # the module then never memoises) and reports its peak RSS at exit:
+        # VmHWM, the high-water mark of this process's own memory since it
+        # was exec'd. (getrusage's ru_maxrss would also count the memory of
+        # the process that forked it, here this benchmark, carried over
+        # across exec.)
         wrapper = (
-            "import atexit, os, runpy, sys\n"
+            "import atexit, importlib.machinery, importlib.util, os, sys\n"
             "def report():\n"
             "    with open('/proc/self/status') as f:\n"
             "        hwm = [line.split()[1] for line in f if line.startswith('VmHWM:')][0]\n"
             "    os.write(2, ('\\nBENCH-VMHWM %s\\n' % hwm).encode())\n"
             "atexit.register(report)\n"
             "sys.argv = sys.argv[1:]\n"
-            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+            "loader = importlib.machinery.SourceFileLoader('__main__', sys.argv[0])\n"
+            "module = importlib.util.module_from_spec(importlib.util.spec_from_loader('__main__', loader))\n"
+            "sys.modules['__main__'] = module\n"
+            "loader.exec_module(module)\n")
         argv = ns.argv([self.python, "-c", wrapper, MODULE, args])
         rc, out, err, seconds, dummy = run_timed(argv, env=self.env, cwd=self.tmp)
         match = re.search(r"BENCH-VMHWM (\d+)", err)
@@ -463,6 +444,16 @@ class Bench:
         rc, dummy, err, seconds, dummy = run_timed(ns.argv(["/bin/sh", "-c", script]))
         if rc != 0:
             raise BenchError("bare restore failed: %s" % tail(err))
+        return seconds
+
+    def bare_nft(self, ns, payload):
+        """Seconds for `nft -f` of the payload in ns (the nftables counterpart of the bare restore)."""
+        self.check_time()
+        path = self.path("payload-nft", ".nft")
+        path.write_text(payload)
+        rc, dummy, err, seconds, dummy = run_timed(ns.argv(["nft", "-f", str(path)]))
+        if rc != 0:
+            raise BenchError("bare nft -f failed: %s" % tail(err))
         return seconds
 
     def istio_check(self, ns, commands, sample=None):
@@ -526,6 +517,8 @@ class Bench:
         if not res1.get("changed") or res2.get("changed"):
             raise BenchError("%s: module alone: first apply changed=%s, re-run changed=%s"
                              % (key, res1.get("changed"), res2.get("changed")))
+        if res1.get("backend") != capture.get("backend", res1.get("backend")):
+            raise BenchError("%s: module alone ran backend %r" % (key, res1.get("backend")))
         self.record(key + ".mod_first", first)
         self.record(key + ".mod_noop", noop)
         self.record(key + ".rss_first", rss1)
@@ -548,9 +541,12 @@ class Bench:
                     self.notes.append("per-rule baseline: the resulting rules differ from the module's "
                                       "(iptables-save comparison)")
 
-    def measure_scale(self, n, round_no):
+    def measure_scale(self, n, round_no, backend):
         key = "scale%d" % n
         capture = scale_capture(n)
+        if backend == "nftables":
+            scale.measure_scale_nft(self, n, netns, capture, PLAYBOOKS)
+            return
         for dummy in range(RENDER_REPEAT):
             start = time.perf_counter()
             ruleset, commands, payloads = render(capture)
@@ -610,14 +606,24 @@ class Bench:
                   file=sys.stderr, flush=True)
             if "floor" in only:
                 self.measure_floor()
+            # The backends alternate their order from round to round.
+            backends = self.args.backends[::-1 if round_no % 2 else 1]
             if "vm" in only:
-                self.measure_rules("vm", VM_CAPTURE, vm_commands, round_no)
-                self.measure_module("vm", VM_CAPTURE)
-            if "perrule" in only and round_no < self.args.per_rule_runs:
+                for backend in backends:
+                    if backend == "nftables":
+                        nft_capture = dict(VM_CAPTURE, backend="nftables")
+                        self.measure_rules(NFT + "vm", nft_capture, None, round_no,
+                                           playbook=scale.nft_playbook(self, PLAYBOOKS))
+                        self.measure_module(NFT + "vm", nft_capture)
+                    else:
+                        self.measure_rules("vm", VM_CAPTURE, vm_commands, round_no)
+                        self.measure_module("vm", VM_CAPTURE)
+            if "perrule" in only and round_no < self.args.per_rule_runs and "iptables-nft" in backends:
                 self.measure_per_rule(vm_commands, round_no)
             if "scale" in only:
                 for n in SCALE_POINTS:
-                    self.measure_scale(n, round_no)
+                    for backend in backends:
+                        self.measure_scale(n, round_no, backend)
             if fleet and round_no < self.args.fleet_runs:
                 for size in self.args.fleet_sizes:
                     self.measure_fleet(size)
@@ -698,6 +704,7 @@ def goals(b: Bench):
     out.append(("cost grows linearly: %s->%s CIDRs (x%d) costs <= x%.1f" % (
         format(SCALE_POINTS[-2], ","), format(SCALE_POINTS[-1], ","), CIDR_RATIO, LINEAR_TOLERANCE * CIDR_RATIO),
         ", ".join(details), verdict(ok)))
+    out += scale.nft_goals(b, verdict, BIG_FIRST_MARGIN, BIG_NOOP_MARGIN)
     fleet = "fleet%d" % GOAL_FLEET
     for what, text, limit in (("first", "converge", FLEET_CONVERGE_LIMIT), ("noop", "no-op re-run", FLEET_NOOP_LIMIT)):
         goal = "%d hosts (forks %d): the role's %s <= %gx the floor playbook" % (GOAL_FLEET, FLEET_FORKS, text, limit)
@@ -768,6 +775,11 @@ def report(b: Bench, machine, load_before, load_after):
         row("rules, VM-style: no-op re-run", "vm.noop")
         row("  the module alone (no Ansible): first apply", "vm.mod_first")
         row("  the module alone (no Ansible): no-op", "vm.mod_noop")
+    if NFT + "vm.first" in r:
+        row("rules, VM-style, backend nftables: first apply", NFT + "vm.first")
+        row("rules, VM-style, backend nftables: no-op re-run", NFT + "vm.noop")
+        row("  the module alone (no Ansible): first apply", NFT + "vm.mod_first")
+        row("  the module alone (no Ansible): no-op", NFT + "vm.mod_noop")
     if "perrule.tasks" in b.info:
         total, n_module, n_command = b.info["perrule.tasks"]
         row("per-rule, %d tasks (%d iptables + %d command): first apply" % (total, n_module, n_command),
@@ -778,6 +790,7 @@ def report(b: Bench, machine, load_before, load_after):
     add("")
     if "scale%d.first" % SCALE_POINTS[-1] in r:
         scale_report(b, add)
+    scale.nft_scale_report(b, add)
     fleet_report(b, add)
     if "scale%d.rss_first" % SCALE_POINTS[-1] in r:
         memory_report(b, add)
@@ -898,6 +911,9 @@ def main(argv=None):
     parser.add_argument("--only", default=",".join(GROUPS),
                         help="measure only these variant groups (comma-separated, of %(default)s); goals of the "
                              "others are reported as not measured")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="the rules and scale variants for these backends, side by side (comma-separated, of "
+                             "%(default)s); the goals of the other are reported as not measured")
     parser.add_argument("--time-limit", type=int, default=1800, help="abort after this many seconds (default 1800)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH as JSON")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
@@ -916,6 +932,9 @@ def main(argv=None):
     args.only = set(word.strip() for word in args.only.split(",") if word.strip())
     if not args.only or args.only - set(GROUPS):
         parser.error("--only: comma-separated names of %s" % ", ".join(GROUPS))
+    args.backends = [word.strip() for word in args.backends.split(",") if word.strip()]
+    if not args.backends or set(args.backends) - set(BACKENDS) or len(set(args.backends)) < len(args.backends):
+        parser.error("--backends: comma-separated names of %s" % ", ".join(BACKENDS))
     reason = netns.unavailable_reason()
     if reason:
         print("bench: %s" % reason, file=sys.stderr)
