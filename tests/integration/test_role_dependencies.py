@@ -10,52 +10,14 @@
   says what is missing and how to skip the step, before any rule changes.
 """
 
-import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = REPO / ".venv" / "bin" / "python"
-COLLECTIONS = REPO / ".cache" / "collections"
+from role_helpers import run_role
+
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-PLAYBOOK = """
-- name: Apply the capture role
-  hosts: all
-  gather_facts: false
-  roles:
-    - role: meshcapture.sidecar.capture
-"""
-
-
-def run_role(ns, tmp_path, **capture_vars):
-    if not (COLLECTIONS / "ansible_collections/meshcapture/sidecar").exists() or not PYTHON.exists():
-        pytest.skip("run scripts/setup.sh first")
-    root = tmp_path / "host"
-    (root / "systemd").mkdir(parents=True, exist_ok=True)
-    hostvars = {
-        "ansible_connection": "meshcapture.sidecar.netns",
-        "ansible_host": ns.name,
-        "ansible_python_interpreter": str(PYTHON),
-        "capture_persist_dir": str(root / "persist"),
-        "capture_systemd_unit_dir": str(root / "systemd"),
-        "capture_systemd_enable": False,
-        "capture_state_dir": str(root / "state"),
-        "capture_istio_sidecar_env_path": str(root / "sidecar.env"),
-        "capture_inbound_ports_include": "8080",
-        **capture_vars,
-    }
-    inventory = tmp_path / "inventory.json"
-    inventory.write_text(json.dumps({"all": {"hosts": {"host": hostvars}}}))
-    playbook = tmp_path / "site.yml"
-    playbook.write_text(PLAYBOOK)
-    return subprocess.run(
-        ["bash", "-c", '. "$0/scripts/env.sh" && exec "$@"', str(REPO),
-         "ansible-playbook", "-v", "-i", str(inventory), str(playbook)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
 
 
 def task_lines(stdout, name):
@@ -68,7 +30,7 @@ def task_lines(stdout, name):
 @pytest.mark.netns
 def test_nothing_is_installed_when_everything_is_there(netns_factory, tmp_path):
     ns = netns_factory("deps")
-    proc = run_role(ns, tmp_path, capture_install_dependencies=True)
+    proc = run_role(ns, tmp_path, cli=["-v"], capture_install_dependencies=True, capture_inbound_ports_include="8080")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The venv interpreter is named: no interpreter discovery, one look.
     assert task_lines(proc.stdout, "Find the target's Python interpreter")[0].startswith("skipping:")
@@ -87,7 +49,8 @@ def test_a_failed_install_names_what_is_missing_and_how_to_skip(netns_factory, t
     if probe.returncode == 0:
         pytest.skip("%s imports pyroute2: nothing would be missing" % SYSTEM_PYTHON)
     ns = netns_factory("deps")
-    proc = run_role(ns, tmp_path, ansible_python_interpreter=SYSTEM_PYTHON, capture_install_dependencies=True,
+    proc = run_role(ns, tmp_path, cli=["-v"], ansible_python_interpreter=SYSTEM_PYTHON,
+                    capture_install_dependencies=True, capture_inbound_ports_include="8080",
                     capture_install_packages=["meshcapture-no-such-package"])
     assert proc.returncode != 0
     assert ("capture_install_dependencies: missing on the host: the Python module pyroute2 for /usr/bin/python3;"
