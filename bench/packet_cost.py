@@ -210,9 +210,9 @@ def report(variants, rounds, conns, json_path) -> int:
               largest[0], largest[1], (nft - empty["nftables"]) * 1e6, (ipt - empty["iptables-nft"]) * 1e6, ipt / nft))
     nft_added, ipt_added = nft - empty["nftables"], ipt - empty["iptables-nft"]
     held = nft_added <= FLAT_SHARE * ipt_added and nft < ipt
+    share = 100.0 * nft_added / ipt_added if ipt_added > 0 else 0
     print("%s nftables flat in list size: what the lists add to a connection is at most %d%% of what they add with "
-          "iptables-nft (%.0f%%), and it is faster there" % ("PASS" if held else "FAIL", FLAT_SHARE * 100,
-                                                           100.0 * nft_added / ipt_added if ipt_added > 0 else 0))
+          "iptables-nft (%.0f%%), and it is faster there" % ("PASS" if held else "FAIL", FLAT_SHARE * 100, share))
     if json_path:
         Path(json_path).write_text(json.dumps([dict(backend=v.backend, size=v.size, rates=v.rates, lat=v.lat)
                                                for v in variants], indent=1))

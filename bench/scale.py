@@ -162,8 +162,8 @@ def nft_scale_report(b, add):
         dummy, nft_added = growth(b, what, NFT)
         dummy, ipt_added = growth(b, what)
         rows.append("%s %s (iptables %s)" % (text, _added(nft_added), _added(ipt_added)))
-    add("  seconds added from %s to %s CIDRs: %s" % (format(SCALE_POINTS[0], ","), format(SCALE_POINTS[-1], ","),
-                                                    ", ".join(rows[:3])))
+    first, last = format(SCALE_POINTS[0], ","), format(SCALE_POINTS[-1], ",")
+    add("  seconds added from %s to %s CIDRs: %s" % (first, last, ", ".join(rows[:3])))
     add("    %s" % ", ".join(rows[3:]))
     add("")
 
