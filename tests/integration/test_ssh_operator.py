@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 
 import netns
+from role_helpers import PLAYBOOK as ROLE
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -69,14 +70,6 @@ APPLY = """
     - name: Report both
       ansible.builtin.debug:
         msg: "SSH_CONNECTION before=[{{ mcs_before.stdout }}] after=[{{ mcs_after.stdout }}]"
-"""
-
-ROLE = """
-- name: Run the capture role
-  hosts: all
-  gather_facts: false
-  roles:
-    - role: meshcapture.sidecar.capture
 """
 
 PING = """
