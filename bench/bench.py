@@ -562,6 +562,13 @@ class Bench:
             joined = dict(capture, outbound_ip_ranges_exclude=",".join(capture["outbound_ip_ranges_exclude"]),
                           outbound_ports_exclude=",".join(capture["outbound_ports_exclude"]))
             self.measure_rules(key + "str", joined, None, round_no)
+            # The same, with the module returning its options joined too.
+            self.measure_rules(key + "strc", dict(joined, compact_result=True), None, round_no)
+            # What loading the lists as variables costs ansible-core alone:
+            # the floor playbook with the same -e @vars.json (not used).
+            with netns.Netns("bfloor") as ns:
+                self.timed_playbook(key + ".floorvars", PLAYBOOKS / "floor.yml", [("host", ns, None)],
+                                    {"bench_capture": capture}, label="floor with the list variables")
             # The same lists through the capture action (one task, as the
             # role runs it): it passes them to the rules module joined.
             self.measure_rules(key + "cap", capture, None, round_no, playbook="capture.yml")
@@ -684,7 +691,8 @@ def goals(b: Bench):
                     verdict(per_rule / ours >= 10, per_rule, ours)))
     top = "scale%d" % SCALE_POINTS[-1]
     label = "%s CIDRs + %s ports" % (format(SCALE_POINTS[-1], ","), format(SCALE_PORTS, ","))
-    for key, path in ((top, "lists"), (top + "str", "comma-separated")):
+    for key, path in ((top, "lists"), (top + "str", "comma-separated"),
+                      (top + "strc", "comma-separated, compact_result")):
         first, bare, noop = b.med(key + ".first"), b.med(top + ".bare"), b.med(key + ".noop")
         limit = floor + bare + BIG_FIRST_MARGIN
         out.append(("%s (%s): first apply <= floor + bare restore + %g s" % (label, path, BIG_FIRST_MARGIN),
@@ -828,6 +836,14 @@ def scale_report(b: Bench, add):
     k = "scale%dstr" % SCALE_POINTS[-1]
     add("  the same %s CIDRs + ports passed as comma-separated strings instead of lists: first %s, no-op %s"
         % (format(SCALE_POINTS[-1], ","), fmt_s(b.med(k + ".first")), fmt_s(b.med(k + ".noop"))))
+    k = "scale%dstrc" % SCALE_POINTS[-1]
+    add("    and with compact_result (the module returns its options joined too): first %s, no-op %s"
+        % (fmt_s(b.med(k + ".first")), fmt_s(b.med(k + ".noop"))))
+    k = "scale%d" % SCALE_POINTS[-1]
+    add("  the floor playbook with the lists loaded as variables (-e @vars.json, not used): %s s, %s s more than"
+        % (fmt_s(b.med(k + ".floorvars")), fmt_s(b.med(k + ".floorvars") - b.med("floor"))))
+    add("    the floor: what ansible-core spends on the %s list items before any module runs"
+        % format(SCALE_POINTS[-1] + SCALE_PORTS, ","))
     add("  growth %s->%s CIDRs of the size-dependent cost: %s" % (
         format(SCALE_POINTS[-2], ","), format(SCALE_POINTS[-1], ","),
         ", ".join("%s %s" % (name, "n/a" if g is None else "x%.1f" % g) for name, g in linear_growth(b))))

@@ -86,7 +86,9 @@ PRIMER_REMOVE = ("if command -v nft >/dev/null 2>&1; then nft delete table inet 
 
 # Only the big lists are passed joined (the module's list type splits them
 # again); an item with a comma in it is passed as a list, so that the
-# module rejects it by its own value.
+# module rejects it by its own value. The rules module returns its options
+# joined too (compact_result): the controller then handles two strings
+# instead of every item of two more copies of the lists.
 JOINABLE_OPTIONS = ("outbound_ip_ranges_exclude", "outbound_ip_ranges_include", "outbound_ports_exclude",
                     "outbound_ports_include", "inbound_ports_exclude", "inbound_ports_include")
 FILE_SPEC = dict(content=dict(type="str"), mode=dict(type="raw", default="0644"))
@@ -290,7 +292,8 @@ class ActionModule(ActionBase):
 
     def _present(self, args, task_vars, plan, files, fingerprint, state_dir, routing):
         report = Report(plan)
-        rules = self._module(RULES, dict(compact_lists(plan["rules_args"]), state="present"), task_vars)
+        rules = self._module(RULES, dict(compact_lists(plan["rules_args"]), state="present", compact_result=True),
+                             task_vars)
         if not report.add_main(rules):
             return report.result
         wanted, previous = plan["routes_wanted"], plan["routes_previous"]
@@ -343,7 +346,7 @@ class ActionModule(ActionBase):
     def _absent(self, args, task_vars, plan):
         report = Report(plan)
         rules_args = dict((key, plan["rules_args"][key]) for key in ("backend", "state_dir") if key in plan["rules_args"])
-        rules = self._module(RULES, dict(rules_args, state="absent"), task_vars)
+        rules = self._module(RULES, dict(rules_args, state="absent", compact_result=True), task_vars)
         if not report.add_main(rules):
             return report.result
         items = [dict(plan["routes_wanted"], tproxy=True)]

@@ -183,7 +183,10 @@ changed:
   returned: always
   type: bool
 commands:
-  description: As returned by M(meshcapture.sidecar.rules); so are its other return values, at the top level.
+  description:
+    - As returned by M(meshcapture.sidecar.rules); so are its other return values, at the top level.
+    - The rules module runs with O(meshcapture.sidecar.rules#module:compact_result), so the lists in C(config)
+      are comma-separated strings.
   returned: unless O(plan_only)
   type: list
   elements: str

@@ -56,6 +56,17 @@ options:
       - With O(state=absent), remove the captures of both kinds.
     type: bool
     default: false
+  compact_result:
+    description:
+      - Return the list options in RV(config), and in the C(invocation) Ansible keeps of the task, as
+        comma-separated strings (the form the options also accept) instead of lists. A list with no items stays
+        an empty list.
+      - Ansible handles every item of a result's lists one by one (masking C(no_log) values, serialising,
+        passing it to the controller); with 10,000 CIDRs the two copies of the options are most of the
+        result a re-run returns. RV(commands), RV(restore), RV(added), RV(removed) and the diff stay as they are.
+      - The role meshcapture.sidecar.capture sets it.
+    type: bool
+    default: false
   proxy_port:
     description: Port the proxy's outbound listener captures on (C(-p) / E(ENVOY_PORT)).
     type: int
@@ -256,7 +267,9 @@ migrated_from:
   elements: str
   sample: [iptables-nft]
 config:
-  description: The effective options after validation and defaults (DNS servers as read from resolv.conf).
+  description:
+    - The effective options after validation and defaults (DNS servers as read from resolv.conf).
+    - With O(compact_result), the non-empty lists as comma-separated strings.
   returned: always
   type: dict
 added:
@@ -324,6 +337,7 @@ ARGUMENT_SPEC = dict(
     state=dict(type="str", default="present", choices=["present", "absent", "rendered"]),
     backend=dict(type="str", default="auto", choices=["auto", "iptables-nft", "iptables-legacy", NFTABLES]),
     migrate=dict(type="bool", default=False),
+    compact_result=dict(type="bool", default=False),
     state_dir=dict(type="path", default="/run/meshcapture"),
     proxy_port=dict(type="int", default=15001),
     inbound_capture_port=dict(type="int", default=15006),
@@ -414,7 +428,8 @@ def _memo_key(params):
     # DNS servers, the user and group databases for the owner names.
     files = {"/etc/resolv.conf": _read_text("/etc/resolv.conf"),
              "/etc/passwd": _stamp("/etc/passwd"), "/etc/group": _stamp("/etc/group")}
-    return memo_key(params, code, files)
+    # compact_result only shapes the result: the same rendering either way.
+    return memo_key(dict((k, v) for k, v in params.items() if k != "compact_result"), code, files)
 
 
 def _render(module, params, state):
@@ -448,6 +463,12 @@ def _render(module, params, state):
 
 def _public(rendered):
     return dict((k, rendered[k]) for k in ("commands", "restore", "config"))
+
+
+def _joined(options):
+    """The options with every non-empty list of strings joined by commas (compact_result)."""
+    return dict((name, ",".join(value) if isinstance(value, list) and value and all(
+        isinstance(item, str) for item in value) else value) for name, value in options.items())
 
 
 class _LazyRuleset(object):
@@ -487,6 +508,8 @@ def main():
     for warning in rendered["warnings"]:
         module.warn(warning)
     result = dict(changed=False, **_public(rendered))
+    if p["compact_result"]:
+        result.update(config=_joined(result["config"]), invocation=dict(module_args=_joined(p)))
     if state == "rendered":
         result["backend"] = p["backend"] if p["backend"] != "auto" else "iptables-nft"
         module.exit_json(**result)

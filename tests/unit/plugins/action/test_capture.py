@@ -225,7 +225,8 @@ def test_fresh_host_runs_every_module_and_records_the_routing():
     assert fake.modules() == [("rules", "present"), ("routes", "present"), ("persist", "present")]
     rules_args = fake.calls[0][1]
     assert rules_args == {"state": "present", "inbound_ports_include": "*", "inbound_ports_exclude": "22,15090",
-                          "outbound_ip_ranges_include": "*", "enable_inbound_ipv6": True}
+                          "outbound_ip_ranges_include": "*", "enable_inbound_ipv6": True,
+                          "compact_result": True}
     assert fake.calls[1][1] == {"state": "present", "inbound_tproxy_mark": 1337, "inbound_tproxy_route_table": 133,
                                 "manage_tproxy_routes": False, "enable_inbound_ipv6": True, "ipv6": True}
     persist_args = fake.calls[2][1]
@@ -387,7 +388,7 @@ def test_absent_removes_rules_then_every_routing(routes_env_text, removed):
                 {"meshcapture.sidecar.rules": {"changed": True, "removed": ["x"], "backend": "iptables-legacy"}})
     result = fake.run()
     assert fake.calls[0] == ("meshcapture.sidecar.rules", {"state": "absent", "backend": "iptables-legacy",
-                                                           "state_dir": "/s"})
+                                                           "state_dir": "/s", "compact_result": True})
     assert [args for dummy, args in fake.calls[1:]] == [
         {"state": "absent", "inbound_tproxy_mark": item["mark"], "inbound_tproxy_route_table": item["table"],
          "manage_tproxy_routes": item["tproxy"], "enable_inbound_ipv6": item["ipv6"], "ipv6": True}

@@ -28,6 +28,31 @@ def test_rendered_accepts_cluster_env_strings(run_module):
     assert result["config"]["inbound_ports_exclude"] == ["22", "15090"]
 
 
+@pytest.mark.parametrize("compact, ranges, ports, uids", [
+    (False, ["10.0.0.2/32", "10.0.0.4/32", "10.0.0.6/32"], ["30000", "30002"], ["1337"]),
+    (True, "10.0.0.2/32,10.0.0.4/32,10.0.0.6/32", "30000,30002", "1337"),
+], ids=["lists", "compact"])
+def test_compact_result_joins_the_option_lists(run_module, compact, ranges, ports, uids):
+    """compact_result: config and invocation hold the lists as comma-separated strings; empty lists,
+    scalars and the commands stay as they are."""
+    args = dict(state="rendered", compact_result=compact, outbound_ip_ranges_include="*",
+                outbound_ip_ranges_exclude=["10.0.0.2/32", "10.0.0.4/32", "10.0.0.6/32"],
+                outbound_ports_exclude="30000,30002")
+    result, failed = run_module(rules.main, args)
+    assert not failed, result.get("msg")
+    full, dummy = run_module(rules.main, dict(args, compact_result=False))
+    assert result["commands"] == full["commands"] and result["restore"] == full["restore"]
+    # Without compact_result, AnsibleModule adds the invocation itself (exit_json, not run here).
+    places = [result["config"]] + ([result["invocation"]["module_args"]] if compact else [])
+    assert compact or "invocation" not in result
+    for where in places:
+        assert where["outbound_ip_ranges_exclude"] == ranges
+        assert where["outbound_ports_exclude"] == ports
+        assert where["proxy_uid"] == uids
+        assert where["kube_virt_interfaces"] == []
+        assert where["proxy_port"] == 15001
+
+
 def test_rendered_honours_forced_backend(run_module):
     result, failed = run_module(rules.main, dict(state="rendered", backend="iptables-legacy"))
     assert (failed, result["backend"]) == (False, "iptables-legacy")
