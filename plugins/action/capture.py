@@ -76,13 +76,36 @@ NFT_RESTORE_FILE = ("nft", "rules.nft")
 # packets that carry the read's output back are then tracked as the session
 # they belong to. Once the rules module ran, the capture's own tables keep
 # conntrack on and the primer table goes.
+# The primer is loaded only when there is a session to protect and it is not
+# tracked yet: not for connections without a network session into the host
+# (local, the netns plugin), and not when conntrack already has an entry
+# for the SSH session (found by SSH_CONNECTION, of the read's shell or of
+# the nearest ancestor that has it, as under sudo, in /proc/net/nf_conntrack).
+# So a re-run over SSH, whose session the capture's rules track, writes
+# nothing to the kernel. The read reports 'primed' when it loaded it.
 PRIMER_TABLE = "meshcapture-conntrack-primer"
-PRIMER_SCRIPT = (
-    "if command -v nft >/dev/null 2>&1; then nft -f - <<'EOF' >/dev/null 2>&1 || true\n"
-    "table inet %s {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n"
-    "\t\tct state established\n\t}\n}\nEOF\nfi" % PRIMER_TABLE)
-PRIMER_REMOVE = ("if command -v nft >/dev/null 2>&1; then nft delete table inet %s >/dev/null 2>&1; fi; true"
-                 % PRIMER_TABLE)
+PRIMER_SECTION = "primer"
+NO_SESSION_TRANSPORTS = ("local", "meshcapture.sidecar.netns")
+PRIMER_SCRIPT = """printf '#meshcapture-file %s\\n'
+mcs_tracked() {
+  c=${SSH_CONNECTION:-} p=$$
+  while [ -z "$c" ] && [ "$p" -gt 1 ] 2>/dev/null; do
+    p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/"$p"/status 2>/dev/null) && [ -n "$p" ] || return 1
+    c=$(tr '\\0' '\\n' < /proc/"$p"/environ 2>/dev/null | sed -n 's/^SSH_CONNECTION=//p')
+  done
+  set -- $c
+  [ $# -eq 4 ] && grep -qs -e "sport=$2 dport=$4 " -e "sport=$4 dport=$2 " /proc/net/nf_conntrack
+}
+if command -v nft >/dev/null 2>&1 && ! mcs_tracked && nft -f - <<'EOF' >/dev/null 2>&1
+table inet %s {
+\tchain output {
+\t\ttype filter hook output priority 0; policy accept;
+\t\tct state established
+\t}
+}
+EOF
+then echo primed; else echo -; fi""" % (PRIMER_SECTION, PRIMER_TABLE)
+PRIMER_REMOVE = "nft delete table inet %s >/dev/null 2>&1; true" % PRIMER_TABLE
 
 # Only the big lists are passed joined (the module's list type splits them
 # again); an item with a comma in it is passed as a list, so that the
@@ -262,12 +285,14 @@ class ActionModule(ActionBase):
         applying = state == "present" and not args["plan_only"]
         files = self._files(args, options) if applying and args["persist"] else []
         state_dir = options.get("state_dir") or DEFAULT_STATE_DIR
-        prime = applying and not self._task.check_mode
+        prime = applying and not self._task.check_mode and \
+            getattr(self._connection, "transport", None) not in NO_SESSION_TRANSPORTS
         res = self._read(args, files, state_dir if applying else None, prime=prime)
+        primed = prime and read_sections(res).get(PRIMER_SECTION) == "primed\n"
         try:
             return self._plan_and_apply(args, task_vars, options, files, state_dir, res)
         finally:
-            if prime:
+            if primed:
                 self._low_level_execute_command(PRIMER_REMOVE, executable="/bin/sh")
 
     def _plan_and_apply(self, args, task_vars, options, files, state_dir, res):

@@ -51,6 +51,10 @@ description:
     rules would otherwise switch it on in the middle of the SSH session Ansible holds, and the kernel would take
     sshd's next packet for a new outbound connection that the capture redirects. With the primer, that session
     is tracked before the rules come.
+  - The primer is loaded only when the connection is a network one (not C(local) or
+    C(meshcapture.sidecar.netns)) and C(/proc/net/nf_conntrack) has no entry for the SSH session yet (its ports
+    from C(SSH_CONNECTION), of the command's shell or of the nearest parent process that has it, as under
+    C(sudo)). On a re-run the capture's own rules track the session, so nothing is written to the kernel.
   - Check mode and diff mode are passed on to the modules; the diffs of all of them are returned.
 author:
   - meshcapture maintainers (@meshcapture)

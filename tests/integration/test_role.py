@@ -13,6 +13,7 @@ import pytest
 
 import netns
 from role_helpers import COLLECTIONS, PYTHON, run_role
+from rules_helpers import nft_monitor
 
 
 def cluster_env_filter():
@@ -196,14 +197,24 @@ def test_module_runs_per_host_converge_no_op_and_drift(netns_factory, tmp_path):
         ("routes.env mode changed", lambda: (persist / "routes.env").chmod(0o600), ["rules", "persist"], "changed=1"),
         ("last no-op", None, ["rules"], "changed=0"),
     ]
-    for label, drift, expected, recap in steps:
-        if drift:
-            drift()
-        proc = run_role(ns, tmp_path, **options)
-        assert proc.returncode == 0, label + "\n" + proc.stdout + proc.stderr
-        assert modules_run(log) == expected, label
-        assert recap in proc.stdout, label + "\n" + proc.stdout
-        assert "[WARNING]" not in proc.stderr, label + "\n" + proc.stderr
+    monitor = nft_monitor(ns)
+    try:
+        for label, drift, expected, recap in steps:
+            if drift:
+                drift()
+            monitor.mark()
+            proc = run_role(ns, tmp_path, **options)
+            events = monitor.mark()
+            assert proc.returncode == 0, label + "\n" + proc.stdout + proc.stderr
+            assert modules_run(log) == expected, label
+            assert recap in proc.stdout, label + "\n" + proc.stdout
+            assert "[WARNING]" not in proc.stderr, label + "\n" + proc.stderr
+            # The netns connection has no network session to protect: no conntrack primer.
+            assert not [e for e in events if "meshcapture-conntrack-primer" in e], label
+            if recap == "changed=0":
+                assert events == [], label  # a re-run writes nothing to the kernel
+    finally:
+        monitor.close()
     assert "inet6 ::6/128" in ns.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
     assert "# edited" not in (persist / "rules.v4").read_text()
 

@@ -40,11 +40,13 @@ import pytest
 
 import netns
 from role_helpers import PLAYBOOK as ROLE
+from rules_helpers import nft_monitor
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"
 SSHVM = REPO / "molecule" / "ssh" / "sshvm.sh"
 VM_ADDR = "192.0.2.10"
+PRIMER = "meshcapture-conntrack-primer"
 
 pytestmark = pytest.mark.netns
 
@@ -202,6 +204,15 @@ class SshVm:
         proc.control_path = run / "cp"
         return proc
 
+    def play_monitored(self, playbook, **kwargs):
+        """play(), and the nft events in the VM meanwhile (rules_helpers.nft_monitor)."""
+        monitor = nft_monitor(self.vm)
+        try:
+            proc = self.play(playbook, **kwargs)
+            return proc, monitor.mark()
+        finally:
+            monitor.close()
+
     def ssh(self, command="printenv SSH_CONNECTION"):
         """A new SSH connection (no ControlMaster) through the same ProxyCommand."""
         return subprocess.run(["ssh", "-F", str(self.dir / "ssh_config"), "-o", "ControlPath=none",
@@ -257,9 +268,11 @@ def test_guarded_capture_over_ssh(ssh_vm, pipelining):
     capture = dict(capture_inbound_ports_include="*", capture_outbound_ip_ranges_include="*",
                    capture_inbound_interception_mode="TPROXY")
 
-    # 1. Apply: the play finishes on the connection it started with.
-    proc = ssh_vm.play(APPLY, pipelining=pipelining, **capture)
+    # 1. Apply: the play finishes on the connection it started with. The
+    # VM's stateful firewall tracks the session already: no conntrack primer.
+    proc, events = ssh_vm.play_monitored(APPLY, pipelining=pipelining, **capture)
     assert_ok(proc)
+    assert not [e for e in events if PRIMER in e], events
     held_before, held_after = connections(proc)
     assert held_before and held_before == held_after
     assert held_before.endswith(" %s 22" % VM_ADDR)
@@ -277,9 +290,11 @@ def test_guarded_capture_over_ssh(ssh_vm, pipelining):
     assert new.returncode == 0, new.stderr
     assert new.stdout.strip() != held_before
 
-    # 3. The re-run, on a new connection too, changes nothing.
-    proc = ssh_vm.play(APPLY, pipelining=pipelining, **capture)
+    # 3. The re-run, on a new connection too, changes nothing and writes
+    # nothing to the kernel (nft monitor sees no event).
+    proc, events = ssh_vm.play_monitored(APPLY, pipelining=pipelining, **capture)
     assert_ok(proc)
+    assert events == []
     assert recap(proc)["changed"] == 0, proc.stdout
     assert connections(proc)[0] != held_before
     assert ssh_vm.snapshot() == applied
@@ -343,7 +358,16 @@ def test_held_connection_survives_where_nothing_tracked_it(ssh_vm):
     would redirect it to 15001.  The capture action loads its conntrack
     primer with the read, before the rules: the session is tracked as what
     it is, and survives."""
-    proc = ssh_vm.play(APPLY, capture_inbound_ports_include="*", capture_outbound_ip_ranges_include="*")
+    proc, events = ssh_vm.play_monitored(APPLY, capture_inbound_ports_include="*",
+                                         capture_outbound_ip_ranges_include="*")
     assert_ok(proc)
     held_before, held_after = connections(proc)
     assert held_before == held_after
+    # The primer was loaded before the rules and deleted in the same task.
+    assert events[0] == "add table inet " + PRIMER, events
+    assert "delete table inet " + PRIMER in events, events
+    # The re-run: the capture's rules track the session, no primer, no write.
+    proc, events = ssh_vm.play_monitored(APPLY, capture_inbound_ports_include="*",
+                                         capture_outbound_ip_ranges_include="*")
+    assert_ok(proc)
+    assert recap(proc)["changed"] == 0 and events == [], events

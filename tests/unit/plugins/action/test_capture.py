@@ -444,3 +444,45 @@ def test_unreadable_routing_state_never_matches_a_record():
     fake.run()
     assert fake.modules() == [("rules", "present"), ("routes", "present")]
     assert '[ "$d" != - ]' in fake.records()[0]
+
+
+# ---------------------------------------------------------------------------
+# The conntrack primer: loaded by the read only where no NAT chain exists,
+# removed at the end of the task only when the read loaded it
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("primer, removed", [("primed", True), ("-", False), (None, False)],
+                         ids=["loaded", "nat-chain-present", "no-section"])
+def test_primer_is_removed_only_when_the_read_loaded_it(primer, removed):
+    out = host_output(persisted=["-"] * 5) + ("" if primer is None else "#meshcapture-file primer\n%s\n" % primer)
+    fake = Fake(present_args(), out)
+    fake.run()
+    assert capture.PRIMER_SCRIPT in fake.commands[0]
+    assert (capture.PRIMER_REMOVE in fake.commands) is removed
+    if removed:
+        assert fake.commands[-1] == capture.PRIMER_REMOVE
+
+
+def test_primer_is_removed_when_the_rules_module_fails():
+    out = host_output(persisted=["-"] * 5) + "#meshcapture-file primer\nprimed\n"
+    fake = Fake(present_args(), out, {"meshcapture.sidecar.rules": {"failed": True, "msg": "boom"}})
+    result = fake.run()
+    assert result["failed"] and fake.modules() == [("rules", "present")]
+    assert fake.commands[-1] == capture.PRIMER_REMOVE
+
+
+def test_check_mode_neither_loads_nor_removes_the_primer():
+    out = host_output(persisted=["-"] * 5) + "#meshcapture-file primer\nprimed\n"
+    fake = Fake(present_args(), out, check_mode=True)
+    fake.run()
+    assert capture.PRIMER_SCRIPT not in fake.commands[0]
+    assert capture.PRIMER_REMOVE not in fake.commands
+
+
+@pytest.mark.parametrize("transport", ["local", "meshcapture.sidecar.netns"])
+def test_no_primer_without_a_network_session(transport):
+    fake = Fake(present_args(), host_output(persisted=["-"] * 5))
+    fake.action._connection.transport = transport
+    fake.run()
+    assert capture.PRIMER_SCRIPT not in fake.commands[0]
+    assert capture.PRIMER_REMOVE not in fake.commands
