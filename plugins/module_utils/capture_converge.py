@@ -29,9 +29,8 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply 
     legacy_tables_loaded,
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import ApplyError, CaptureError
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import NFT_TABLES
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import NFT_FAMILY, NFT_TABLES
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft_apply import (
-    NFT_FAMILY,
     NftEngine,
     legacy_capture_present,
     nft_capture_tables,
@@ -93,7 +92,7 @@ def detect_backend(host, requested):
 
 
 def _iptables_engine(host, backend, rendered, job):
-    """(Engine, families) of an iptables backend; warnings go to job['warnings']."""
+    """The Engine of an iptables backend, for the families to converge; warnings go to job['warnings']."""
     families = [IPV4]
     v6_tools = [host.which(name) for name in binary_names(backend)[IPV6]]
     if not os.path.exists("/proc/net/if_inet6"):

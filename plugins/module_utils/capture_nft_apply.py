@@ -35,9 +35,9 @@ import re
 from collections import Counter, OrderedDict
 
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import ApplyError, CaptureError
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import NFT_FAMILY, render_nft_delete
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import mtime, write_atomic
 
-NFT_FAMILY = "inet"
 # The iptables tables a capture of the iptables backends puts ISTIO_* chains in.
 IPTABLES_CAPTURE_TABLES = ("nat", "mangle", "raw")
 _COUNTER_TEXT = re.compile(r"counter packets \d+ bytes \d+")
@@ -108,18 +108,14 @@ READ_SCRIPT = ('"$0" -j list chains || exit 1; '
 def parse_read(out, owned):
     """(tables, capture_chains) of READ_SCRIPT's output."""
     lines = out.splitlines()
-    dummy, chains = parse_listing(lines[0] if lines else "", owned)
-    with_chains = set()
-    for obj in json.loads(lines[0])["nftables"]:
-        body = obj.get("chain")
-        if body and body.get("family") == NFT_FAMILY and body.get("table") in owned:
-            with_chains.add(body["table"])
+    # Of a chain listing, the owned tables parse_listing returns are those with chains.
+    with_chains, chains = parse_listing(lines[0] if lines else "", owned)
     tables = OrderedDict()
     for k, line in enumerate(lines[1:], 1):
         if line.startswith("@@ ") and k + 1 < len(lines) and not lines[k + 1].startswith("@@ "):
             name = line[3:]
             tables.update((t, v) for t, v in parse_listing(lines[k + 1], owned)[0].items() if t == name)
-    unlisted = sorted(with_chains - set(tables))
+    unlisted = sorted(set(with_chains) - set(tables))
     if unlisted:
         raise CaptureError("nft -j list table inet %s failed although the table has chains" % unlisted[0])
     return tables, chains
@@ -187,7 +183,7 @@ class NftPlan(object):
             if name in self.existing:
                 parts.append("table %s %s\ndelete table %s %s\n" % (NFT_FAMILY, name, NFT_FAMILY, name))
             parts.append(self.wanted[name])
-        parts.extend("delete table %s %s\n" % (NFT_FAMILY, name) for name in self.delete)
+        parts.append(render_nft_delete(self.delete))
         return "".join(parts)
 
 
