@@ -288,14 +288,15 @@ class ActionModule(ActionBase):
         prime = applying and not self._task.check_mode and \
             getattr(self._connection, "transport", None) not in NO_SESSION_TRANSPORTS
         res = self._read(args, files, state_dir if applying else None, prime=prime)
-        primed = prime and read_sections(res).get(PRIMER_SECTION) == "primed\n"
+        sections = read_sections(res)
+        primed = prime and sections.get(PRIMER_SECTION) == "primed\n"
         try:
-            return self._plan_and_apply(args, task_vars, options, files, state_dir, res)
+            return self._plan_and_apply(args, task_vars, options, files, state_dir, res, sections)
         finally:
             if primed:
                 self._low_level_execute_command(PRIMER_REMOVE, executable="/bin/sh")
 
-    def _plan_and_apply(self, args, task_vars, options, files, state_dir, res):
+    def _plan_and_apply(self, args, task_vars, options, files, state_dir, res, sections):
         state = args["state"]
         try:
             plan = capture_plan(list(options), list(options.values()), read=res, cluster_env_path=args["cluster_env"],
@@ -310,7 +311,6 @@ class ActionModule(ActionBase):
         if args["plan_only"]:
             return dict(changed=False, plan=public_plan(plan))
         if state == "present":
-            sections = read_sections(res)
             return self._present(args, task_vars, plan, files, sections.get(FINGERPRINT_SECTION),
                                  state_dir, sections.get(ROUTING_SECTION))
         return self._absent(args, task_vars, plan)
