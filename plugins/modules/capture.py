@@ -58,6 +58,8 @@ description:
   - Check mode and diff mode are passed on to the modules; the diffs of all of them are returned.
 author:
   - meshcapture maintainers (@meshcapture)
+extends_documentation_fragment:
+  - meshcapture.sidecar.attributes
 options:
   state:
     description: V(present) applies the capture, V(absent) removes the rules and the routing.
@@ -150,16 +152,6 @@ attributes:
   async:
     description: Supports being used with the C(async) keyword.
     support: none
-  check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
-    support: full
-  platform:
-    description: Target OS/families that can be operated against.
-    support: N/A
-    platforms: linux
 notes:
   - The modules it runs must be installed with it (this collection); each runs as a module on the host.
 seealso:
