@@ -461,12 +461,24 @@ def _sockaddr(addr) -> str:
     return fmt_addr(addr[0], addr[1])
 
 
-def _family(family: int) -> int:
+def socket_family(family: int) -> int:
     return socket.AF_INET if family == 4 else socket.AF_INET6
 
 
+def pktinfo_reply(family: int, pktinfo: bytes, port: int) -> tuple[str, tuple]:
+    """(address:port a datagram arrived at, the ancillary item that sends a reply from it) of the
+    IP_PKTINFO / IPV6_PKTINFO data received with the datagram."""
+    if family == 4:  # struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr}
+        dst_raw = pktinfo[8:12]
+        reply_info = (socket.SOL_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, dst_raw, bytes(4)))
+    else:  # struct in6_pktinfo {in6_addr addr; unsigned ifindex}
+        dst_raw = pktinfo[:16]
+        reply_info = (SOL_IPV6, socket.IPV6_PKTINFO, struct.pack("=16sI", dst_raw, 0))
+    return fmt_addr(socket.inet_ntop(socket_family(family), dst_raw), port), reply_info
+
+
 def _server_socket(kind: int, family: int, port: int, options=()) -> socket.socket:
-    sock = socket.socket(_family(family), kind)
+    sock = socket.socket(socket_family(family), kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == 6:
         sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 1)
@@ -476,7 +488,7 @@ def _server_socket(kind: int, family: int, port: int, options=()) -> socket.sock
     return sock
 
 
-def _original_dst(conn: socket.socket, family: int) -> str | None:
+def original_dst(conn: socket.socket, family: int) -> str | None:
     try:
         if family == 4:
             raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)  # struct sockaddr_in
@@ -508,7 +520,7 @@ def _probe_tcp_listener(port, family, transparent, count, banner, timeout, uid=N
             with conn:
                 local = _sockaddr(conn.getsockname())
                 report = {"banner": banner, "peer": _sockaddr(peer), "local": local,
-                          "orig_dst": local if transparent else _original_dst(conn, family)}
+                          "orig_dst": local if transparent else original_dst(conn, family)}
                 connections.append(report)
                 conn.settimeout(2)
                 try:
@@ -531,14 +543,7 @@ def _probe_udp_listener(port, family, count, banner, timeout, uid=None, gid=None
                 data, ancdata, _flags, peer = server.recvmsg(4096, socket.CMSG_SPACE(32))
             except TimeoutError:
                 break
-            local_raw = next(cmsg_data for _level, _type, cmsg_data in ancdata)
-            if family == 4:  # struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr}
-                dst_raw = local_raw[8:12]
-                reply_info = (socket.SOL_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, dst_raw, bytes(4)))
-            else:  # struct in6_pktinfo {in6_addr addr; unsigned ifindex}
-                dst_raw = local_raw[:16]
-                reply_info = (SOL_IPV6, socket.IPV6_PKTINFO, struct.pack("=16sI", dst_raw, 0))
-            local = fmt_addr(socket.inet_ntop(_family(family), dst_raw), port)
+            local, reply_info = pktinfo_reply(family, next(cmsg_data for _level, _type, cmsg_data in ancdata), port)
             report = {"banner": banner, "peer": _sockaddr(peer), "local": local,
                       "query": data.decode(errors="replace")}
             datagrams.append(report)
@@ -560,7 +565,7 @@ def _drop_privileges(uid, gid, groups) -> None:
 
 
 def _client_socket(kind, dst, src, timeout) -> socket.socket:
-    sock = socket.socket(_family(ipaddress.ip_address(dst).version), kind)
+    sock = socket.socket(socket_family(ipaddress.ip_address(dst).version), kind)
     sock.settimeout(timeout)
     if src:
         sock.bind((src, 0))

@@ -21,13 +21,13 @@ import json
 import os
 import selectors
 import socket
-import struct
 import subprocess
 import sys
 import time
 
 import netns
-from netns import IP_PKTINFO, IP_TRANSPARENT, IPV6_TRANSPARENT, SO_ORIGINAL_DST, SOL_IPV6, fmt_addr
+from netns import (IP_PKTINFO, IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IPV6, fmt_addr, original_dst, pktinfo_reply,
+                   socket_family)
 
 
 # ----------------------------------------------------------- caller side
@@ -70,10 +70,6 @@ def run_probes(ns: netns.Netns, probes: list[dict], timeout: float = 2.0) -> lis
 
 
 # ------------------------------------------------------ namespace side
-def _family(family: int) -> int:
-    return socket.AF_INET if family == 4 else socket.AF_INET6
-
-
 def _as(uid, gid):
     """Context for creating a socket with other credentials (effective ids only)."""
     class _Creds:
@@ -89,23 +85,10 @@ def _as(uid, gid):
     return _Creds()
 
 
-def _original_dst(conn: socket.socket, family: int) -> str | None:
-    try:
-        if family == 4:
-            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            host = socket.inet_ntop(socket.AF_INET, raw[4:8])
-        else:
-            raw = conn.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
-            host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-    except OSError:
-        return None
-    return fmt_addr(host, struct.unpack_from("!H", raw, 2)[0])
-
-
 def _bind(kind, spec) -> socket.socket:
     family = spec["family"]
     with _as(spec.get("uid"), spec.get("gid")):
-        sock = socket.socket(_family(family), kind)
+        sock = socket.socket(socket_family(family), kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == 6:
         sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 1)
@@ -129,7 +112,7 @@ def _answer_tcp(server, spec):
         local = conn.getsockname()
         local = fmt_addr(local[0], local[1])
         report = {"banner": spec["banner"], "local": local,
-                  "orig_dst": _original_dst(conn, spec["family"]) or local}
+                  "orig_dst": original_dst(conn, spec["family"]) or local}
         conn.settimeout(2)
         try:
             conn.sendall((json.dumps(report) + "\n").encode())
@@ -146,13 +129,7 @@ def _answer_udp(server, spec):
     raw = next((d for _level, _type, d in ancdata), None)
     if raw is None:
         return
-    if family == 4:  # struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr}
-        dst = raw[8:12]
-        info = (socket.SOL_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, dst, bytes(4)))
-    else:  # struct in6_pktinfo {in6_addr addr; unsigned ifindex}
-        dst = raw[:16]
-        info = (SOL_IPV6, socket.IPV6_PKTINFO, struct.pack("=16sI", dst, 0))
-    local = fmt_addr(socket.inet_ntop(_family(family), dst), spec["port"])
+    local, info = pktinfo_reply(family, raw, spec["port"])
     report = {"banner": spec["banner"], "local": local, "orig_dst": local}
     try:
         server.sendmsg([(json.dumps(report) + "\n").encode()], [info], 0, peer)
@@ -177,7 +154,7 @@ def _one_probe(probe, timeout):
     family = 6 if ":" in probe["dst"] else 4
     kind = socket.SOCK_STREAM if probe["proto"] == "tcp" else socket.SOCK_DGRAM
     with _as(probe.get("uid"), probe.get("gid")):
-        sock = socket.socket(_family(family), kind)
+        sock = socket.socket(socket_family(family), kind)
     with sock:
         sock.settimeout(timeout)
         try:
