@@ -23,7 +23,11 @@ import os
 from collections import OrderedDict
 
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_compare import FamilyPlan, plan_family
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import ApplyError, CaptureError
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (
+    ApplyError,
+    CaptureError,
+    run_checked,
+)
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules import (
     BUILTIN_CHAINS,
     FAMILIES,
@@ -109,24 +113,18 @@ class Engine(object):
         self.warnings = []
 
     # -- commands ----------------------------------------------------------
-    def _exec(self, argv, data=None, what=None):
-        rc, out, err = self.run(argv, data=data)
-        if rc != 0:
-            raise ApplyError("%s failed: %s" % (what or argv[0], (err or out).strip()), cmd=argv, rc=rc, stderr=err)
-        return out
-
     def _bin(self, family, which):
         return self.paths[self.names[family][0 if which == "save" else 1]]
 
     def save(self, family, counters=False):
         argv = [self._bin(family, "save")] + (["-c"] if counters else [])
-        return self._exec(argv, what="%s: %s" % (family, self.names[family][0]))
+        return run_checked(self.run, argv, "%s: %s" % (family, self.names[family][0]))
 
     def restore(self, family, payload, noflush=True, counters=False):
         argv = [self._bin(family, "restore"), "-w", "5"]
         argv += ["--noflush"] if noflush else []
         argv += ["--counters"] if counters else []
-        return self._exec(argv, data=payload, what="%s: %s" % (family, self.names[family][1]))
+        return run_checked(self.run, argv, "%s: %s" % (family, self.names[family][1]), data=payload)
 
     # -- canonical form ----------------------------------------------------
     def _canonical_cache(self, family, payload):
@@ -316,8 +314,8 @@ class Engine(object):
                 continue
             if any(p not in ("ACCEPT", "-") for p in t.policies.values()):
                 continue
-            self._exec([nft, "delete", "table", _NFT_FAMILY[family], table],
-                       what="%s: nft delete table" % family)
+            run_checked(self.run, [nft, "delete", "table", _NFT_FAMILY[family], table],
+                        "%s: nft delete table" % family)
 
     def _base_chains(self, family):
         """{table: set of built-in chain names} that exist in nftables for the

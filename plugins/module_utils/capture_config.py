@@ -31,6 +31,14 @@ class ApplyError(CaptureError):
         self.stderr = stderr
 
 
+def run_checked(run, argv, what, data=None):
+    """stdout of run(argv, data=data) -> (rc, stdout, stderr), or ApplyError('<what> failed: <stderr>')."""
+    rc, out, err = run(argv, data=data)
+    if rc != 0:
+        raise ApplyError("%s failed: %s" % (what, (err or out).strip()), cmd=argv, rc=rc, stderr=err)
+    return out
+
+
 class ConfigError(CaptureError):
     """An option has a value the capture cannot use."""
 

@@ -34,7 +34,11 @@ import os
 import re
 from collections import Counter, OrderedDict
 
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import ApplyError, CaptureError
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (
+    ApplyError,
+    CaptureError,
+    run_checked,
+)
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import NFT_FAMILY, render_nft_delete
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import mtime, write_atomic
 
@@ -203,13 +207,6 @@ class NftEngine(object):
         self.check_mode = check_mode
         self.warnings = []
 
-    def _exec(self, argv, data=None, what=None):
-        rc, out, err = self.run(argv, data=data)
-        if rc != 0:
-            raise ApplyError("%s failed: %s" % (what or " ".join(argv[:3]), (err or out).strip()),
-                             cmd=argv, rc=rc, stderr=err)
-        return out
-
     # -- read ----------------------------------------------------------------
     def read(self):
         """(owned tables {name: view}, ISTIO_* chains of iptables-nft tables).
@@ -221,11 +218,11 @@ class NftEngine(object):
         iptables-nft ruleset (kube-proxy, Docker).
         """
         argv = ["/bin/sh", "-c", READ_SCRIPT, self.paths["nft"]] + list(self.owned)
-        return parse_read(self._exec(argv, what="nft -j list"), self.owned)
+        return parse_read(run_checked(self.run, argv, "nft -j list"), self.owned)
 
     def listing(self, name):
         """`nft list table inet NAME` text (counter values dropped)."""
-        out = self._exec([self.paths["nft"], "list", "table", NFT_FAMILY, name], what="nft list table")
+        out = run_checked(self.run, [self.paths["nft"], "list", "table", NFT_FAMILY, name], "nft list table")
         return split_tables(out).get(name, "")
 
     # -- canonical form ------------------------------------------------------
