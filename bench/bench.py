@@ -74,7 +74,7 @@ import netns  # noqa: E402  (tests/netns.py: the namespace harness)
 import yaml  # noqa: E402
 
 import scale  # noqa: E402  (bench/scale.py: the scale series and the nftables backend)
-from scale import BACKENDS, NFT, RENDER_REPEAT, SCALE_POINTS, SCALE_PORTS, render  # noqa: E402
+from scale import BACKENDS, NFT, RENDER_REPEAT, SCALE_POINTS, SCALE_PORTS, fmt_s, render  # noqa: E402
 
 # The VM-style configuration: what `istioctl x workload entry configure`
 # puts in a VM's cluster.env (inbound '*', outbound '*', the usual
@@ -117,10 +117,6 @@ def scale_capture(n_cidrs: int) -> dict:
 
 def median(values):
     return statistics.median(values) if values else float("nan")
-
-
-def fmt_s(value) -> str:
-    return "n/a" if value is None or math.isnan(value) else "%.2f" % value
 
 
 def spread(values) -> str:

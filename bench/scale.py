@@ -15,7 +15,6 @@ report and of the goals. The functions take the bench.Bench object as `b`
 from __future__ import annotations
 
 import math
-import statistics
 import time
 
 import yaml
@@ -111,12 +110,7 @@ def measure_scale_nft(b, n, netns, capture, playbooks):
 
 
 # ------------------------------------------------------------------ report
-def _med(b, key):
-    values = b.results.get(key, [])
-    return statistics.median(values) if values else float("nan")
-
-
-def _s(value):
+def fmt_s(value) -> str:
     return "n/a" if value is None or math.isnan(value) else "%.2f" % value
 
 
@@ -126,7 +120,7 @@ def _added(value):
 
 def growth(b, what, prefix=""):
     """(seconds at the largest point, seconds added from the smallest to the largest point)."""
-    lo, hi = (_med(b, "%sscale%d.%s" % (prefix, n, what)) for n in (SCALE_POINTS[0], SCALE_POINTS[-1]))
+    lo, hi = (b.med("%sscale%d.%s" % (prefix, n, what)) for n in (SCALE_POINTS[0], SCALE_POINTS[-1]))
     return hi, hi - lo
 
 
@@ -144,11 +138,11 @@ def nft_scale_report(b, add):
     for n in SCALE_POINTS:
         k, i = NFT + "scale%d" % n, "scale%d" % n
         add(fmt % (
-            format(n, ","), format(b.info[k + ".bytes"], ","), "%.3f" % _med(b, k + ".render"),
-            "%.3f" % _med(b, k + ".bare"), _s(_med(b, k + ".first")), _s(_med(b, k + ".noop")),
-            _s(_med(b, k + ".mod_first")), _s(_med(b, k + ".mod_noop")),
+            format(n, ","), format(b.info[k + ".bytes"], ","), "%.3f" % b.med(k + ".render"),
+            "%.3f" % b.med(k + ".bare"), fmt_s(b.med(k + ".first")), fmt_s(b.med(k + ".noop")),
+            fmt_s(b.med(k + ".mod_first")), fmt_s(b.med(k + ".mod_noop")),
             "%.0f MiB" % (max(r[k + ".rss_first"]) / 1024),
-            " / ".join(_s(_med(b, i + "." + w)) for w in ("first", "noop", "mod_first", "mod_noop"))))
+            " / ".join(fmt_s(b.med(i + "." + w)) for w in ("first", "noop", "mod_first", "mod_noop"))))
     add("  %d nft rules at every point (%s iptables rules at %s CIDRs): the CIDRs and ports are elements of named"
         % (b.info[top + ".rules"], format(b.info.get("scale%d.rules" % SCALE_POINTS[-1], 0), ","),
            format(SCALE_POINTS[-1], ",")))
@@ -171,15 +165,15 @@ def nft_scale_report(b, add):
 def nft_goals(b, verdict, big_first_margin, big_noop_margin):
     """The goals of the iptables backend, for the nftables backend: [(goal, measured, verdict)]."""
     out = []
-    floor = _med(b, "floor")
+    floor = b.med("floor")
     for key, text, limit in (("vm.noop", "no-op re-run <= 1.3x the floor", 1.3),
                              ("vm.first", "first apply <= 1.5x the floor", 1.5)):
-        value = _med(b, NFT + key)
+        value = b.med(NFT + key)
         out.append(("nftables: " + text, "%.2f / %.2f s = %.2fx" % (value, floor, value / floor),
                     verdict(value / floor <= limit, value, floor)))
     top = NFT + "scale%d" % SCALE_POINTS[-1]
     label = "nftables: %s CIDRs + %s ports" % (format(SCALE_POINTS[-1], ","), format(SCALE_PORTS, ","))
-    first, bare, noop = _med(b, top + ".first"), _med(b, top + ".bare"), _med(b, top + ".noop")
+    first, bare, noop = b.med(top + ".first"), b.med(top + ".bare"), b.med(top + ".noop")
     limit = floor + bare + big_first_margin
     out.append(("%s: first apply <= floor + bare nft -f + %g s" % (label, big_first_margin),
                 "%.2f s, limit %.2f + %.2f + %g = %.2f s" % (first, floor, bare, big_first_margin, limit),
