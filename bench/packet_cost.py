@@ -54,12 +54,8 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / ".cache" / "collections"))
 
 import netns  # noqa: E402  (tests/netns.py: the namespace harness)
+import scale  # noqa: E402  (bench/scale.py: the scale configuration, every other address and port)
 
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (  # noqa: E402
-    DEFAULTS,
-    CaptureConfig,
-)
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_generator import generate  # noqa: E402
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import (  # noqa: E402
     render_nft,
     render_nft_payload,
@@ -98,16 +94,10 @@ print(json.dumps({"total": time.perf_counter() - start, "lat": lat}))
 
 
 def capture(n_cidrs: int, n_ports: int):
-    params = dict(DEFAULTS)
-    params.update(
-        inbound_ports_include=["*"], outbound_ip_ranges_include=["*"],
-        # Every other address and port: adjacent ones would merge into a few
-        # ranges in the nft sets, and the sets must hold n elements.
-        outbound_ip_ranges_exclude=["10.%d.%d.%d/32" % (j >> 16, (j >> 8) & 255, j & 255)
-                                    for j in range(0, 2 * n_cidrs, 2)],
-        outbound_ports_exclude=[str(20000 + j) for j in range(0, 2 * n_ports, 2)],
-    )
-    return generate(CaptureConfig.from_params(params))
+    """The VM-style Ruleset with n_cidrs CIDRs and n_ports ports excluded, every other address and port
+    (adjacent ones would merge into a few ranges in the nft sets, and the sets must hold n elements)."""
+    vm_style = dict(inbound_ports_include=["*"], outbound_ip_ranges_include=["*"])
+    return scale.build(scale.scale_capture(vm_style, n_cidrs, n_ports))[1]
 
 
 def load(ns: netns.Netns, backend: str, ruleset) -> None:
