@@ -104,7 +104,8 @@ def _slot_kind(rule, match):
         return None
     if match.kind in ("daddr", "saddr") and not isinstance(match.value, SetRef):
         return match.kind + ("4" if rule.family == IPV4 else "6")
-    if match.kind in ("dport", "sport") and not isinstance(match.value[1], SetRef):
+    if match.kind in ("dport", "sport") and not isinstance(match.value[1], SetRef) \
+            and not match.value[1].startswith("{"):
         return match.kind
     return None
 

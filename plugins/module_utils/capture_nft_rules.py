@@ -36,7 +36,7 @@ _PREFIX_RE = re.compile(r'^(?:"([A-Za-z0-9_.:-]{1,64})"|([A-Za-z0-9_.:-]{1,64}))
 _CHAIN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,28}$")
 _CT_STATES = ("INVALID", "ESTABLISHED", "RELATED", "NEW", "UNTRACKED")  # nft's bit order
 _PROTOCOLS = ("tcp", "udp")
-_MODULES = ("owner", "conntrack", "mark", "connmark", "tcp", "udp")
+_MODULES = ("owner", "conntrack", "mark", "connmark", "multiport", "tcp", "udp")
 _VERDICTS = {"RETURN": "return", "ACCEPT": "accept", "DROP": "drop"}
 
 
@@ -197,6 +197,14 @@ class _Parser(object):
             if self.protocol is None:
                 _fail(rule, "%s without -p tcp/udp" % word)
             self.add(word[2:], negate, (self.protocol, _port(rule, self.next("port"))))
+        elif word in ("--dports", "--sports") and self.module == "multiport":
+            if self.protocol is None:
+                _fail(rule, "%s without -p tcp/udp" % word)
+            ports = [_port(rule, p) for p in self.next("ports").split(",")]
+            if len(ports) > 15:
+                _fail(rule, "multiport takes at most 15 ports")
+            # An anonymous set, as nft prints it: tcp dport != { 53, 15008 }.
+            self.add(word[2:-1], negate, (self.protocol, "{ %s }" % ", ".join(ports)))
         elif word == "-m":
             if negate:
                 _fail(rule, "'!' before -m")

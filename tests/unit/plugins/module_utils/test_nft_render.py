@@ -240,8 +240,11 @@ def test_istio_inserts_in_final_order():
     (("-j", "CONNMARK", "--restore-mark"), "meta mark set ct mark"),
     (("-j", "NFLOG", "--nflog-group", "5"), "log group 5"),
     (("-p", "tcp", "--dport", "1000:2000", "-j", "RETURN"), "tcp dport 1000-2000 return"),
+    (("-p", "tcp", "-m", "multiport", "!", "--dports", "53,15008", "-m", "owner", "--uid-owner", "1337",
+      "-j", "RETURN"), "tcp dport != { 53, 15008 } meta skuid 1337 return"),
+    (("-p", "udp", "-m", "multiport", "--sports", "53,5353", "-j", "RETURN"), "udp sport { 53, 5353 } return"),
 ], ids=["iface-wildcard", "owner-name", "sport", "connmark-mask", "ctstate", "redirect", "redirect-port",
-        "restore-mark", "nflog", "port-range"])
+        "restore-mark", "nflog", "port-range", "multiport-negated", "multiport"])
 def test_words(params, text):
     rendered = render_nft(Ruleset([_rule(IPV4, "OUTPUT", *params)]))
     assert _rules(rendered.payload(), "output") == ["meta nfproto ipv4 " + text]
@@ -273,6 +276,9 @@ def test_owner_names_resolve_when_asked():
     ("-j", "CT", "--zone", "1x"),
     ("-j", "RETURN", "extra"),
     ("-m", "mark", "--uid-owner", "1", "-j", "RETURN"),
+    ("-m", "multiport", "--dports", "53,15008", "-j", "RETURN"),
+    ("-p", "tcp", "-m", "multiport", "--dports", "53,x", "-j", "RETURN"),
+    ("-p", "tcp", "-m", "multiport", "--dports", ",".join(str(p) for p in range(1, 17)), "-j", "RETURN"),
 ], ids=" ".join)
 def test_unknown_or_bad_words_raise(params):
     with pytest.raises(NftRenderError) as err:
@@ -332,8 +338,13 @@ def test_nft_accepts_payload_and_lists_it_back_unchanged(tmp_path, options):
 
 @pytest.mark.netns
 @pytest.mark.skipif(NFT_MISSING, reason="nft / unshare not installed (run scripts/setup.sh)")
-def test_nft_lists_port_range_sets_back_unchanged(tmp_path):
-    rendered = render_nft(PORT_RANGES)
+@pytest.mark.parametrize("ruleset", [PORT_RANGES, Ruleset([
+    _rule(IPV4, "OUTPUT", "-p", "tcp", "-m", "multiport", "!", "--dports", "53,15008", "-j", "RETURN"),
+    _rule(IPV4, "OUTPUT", "-p", "tcp", "-m", "multiport", "!", "--dports", "53,15009", "-j", "RETURN"),
+    _rule(IPV4, "OUTPUT", "-p", "udp", "-m", "multiport", "--sports", "53,5353", "-j", "RETURN")])],
+    ids=["port-ranges", "multiport"])
+def test_nft_lists_port_range_sets_back_unchanged(tmp_path, ruleset):
+    rendered = render_nft(ruleset)
     proc = _nft_in_scratch_netns(tmp_path, rendered.payload(), rendered.tables)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == rendered.payload()
