@@ -18,6 +18,10 @@ description:
   - The file is a list of C(KEY=VALUE) lines. Blank lines and comment lines are skipped, a leading C(export)
     is allowed, values may be in single or double quotes, and an unquoted value ends where a comment starts
     (a C(#) after a blank). When a key appears twice, the last one wins, as when a shell sources the file.
+  - Lines end where a shell ends them, at a line feed; Windows line ends (carriage return and line feed) work
+    too. A line with any other control character (a tab aside) or Unicode line break (vertical tab, form feed,
+    lone carriage return, U+0085, U+2028, U+2029, ...) fails naming the line, as other readers would split
+    such a line where a shell does not.
   - Keys that are not capture settings (C(ISTIO_META_CLUSTER_ID), C(CANONICAL_SERVICE), ...) and keys with an
     empty value are left out, so the module defaults apply for them.
   - Values stay strings; M(meshcapture.sidecar.rules) validates them (it accepts comma-separated lists).
@@ -33,7 +37,8 @@ description:
     E(ENVOY_PORT) -> C(proxy_port), E(INBOUND_CAPTURE_PORT) -> C(inbound_capture_port),
     E(INBOUND_TUNNEL_PORT) -> C(inbound_tunnel_port),
     E(ISTIO_OUTBOUND_OWNER_GROUPS) -> C(owner_groups_include),
-    E(ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE) -> C(owner_groups_exclude), E(INVALID_DROP) -> C(drop_invalid)."
+    E(ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE) -> C(owner_groups_exclude), E(INVALID_DROP) -> C(drop_invalid),
+    E(ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR) -> C(host_ipv4_loopback_cidr)."
 options:
   _input:
     description: The text of the C(cluster.env) file.
@@ -84,28 +89,30 @@ from ansible.errors import AnsibleFilterError
 from ansible.module_utils.common.text.converters import to_text
 from ansible.module_utils.six import string_types
 
-# cluster.env variable -> meshcapture.sidecar.rules option.
-CLUSTER_ENV_OPTIONS = {
-    "ISTIO_SERVICE_CIDR": "outbound_ip_ranges_include",
-    "ISTIO_SERVICE_EXCLUDE_CIDR": "outbound_ip_ranges_exclude",
-    "ISTIO_INBOUND_PORTS": "inbound_ports_include",
-    "ISTIO_LOCAL_EXCLUDE_PORTS": "inbound_ports_exclude",
-    "ISTIO_OUTBOUND_PORTS": "outbound_ports_include",
-    "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE": "outbound_ports_exclude",
-    "ISTIO_INBOUND_INTERCEPTION_MODE": "inbound_interception_mode",
-    "ISTIO_INBOUND_TPROXY_MARK": "inbound_tproxy_mark",
-    "ISTIO_INBOUND_TPROXY_ROUTE_TABLE": "inbound_tproxy_route_table",
-    "ISTIO_META_DNS_CAPTURE": "redirect_dns",
-    "ISTIO_EXCLUDE_INTERFACES": "exclude_interfaces",
-    "ENVOY_PORT": "proxy_port",
-    "INBOUND_CAPTURE_PORT": "inbound_capture_port",
-    "INBOUND_TUNNEL_PORT": "inbound_tunnel_port",
-    "ISTIO_OUTBOUND_OWNER_GROUPS": "owner_groups_include",
-    "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "owner_groups_exclude",
-    "INVALID_DROP": "drop_invalid",
-}
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_options import cluster_env_keys
 
-_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+# cluster.env variable -> meshcapture.sidecar.rules option (from the option table).
+CLUSTER_ENV_OPTIONS = cluster_env_keys()
+
+# Characters that end a line for Python's splitlines() or other readers but
+# not for a shell, which reads the file as one line there (a value could then
+# hide an assignment from one reader and not from the other); refused.
+# Tab is the only control character a line may hold.
+_CHARACTER_NAMES = {
+    "\r": "carriage return (not followed by a line feed)",
+    "\x0b": "vertical tab",
+    "\x0c": "form feed",
+    "\x1c": "file separator",
+    "\x1d": "group separator",
+    "\x1e": "record separator",
+    "\x85": "next line (NEL)",
+    "\u2028": "line separator",
+    "\u2029": "paragraph separator",
+}
+_FORBIDDEN_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+_BLANKS = " \t"
+_LINE_RE = re.compile(r"^(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*(.*)$")
 _DOUBLE_ESCAPE_RE = re.compile(r'\\([\\"$`])')
 
 
@@ -130,27 +137,48 @@ def _value(text, lineno):
         end = _closing_quote(text, quote)
         if end < 0:
             raise AnsibleFilterError("cluster_env: line %d: unterminated %s quote" % (lineno, quote))
-        rest = text[end + 1:].strip()
+        rest = text[end + 1:].strip(_BLANKS)
         if rest and not rest.startswith("#"):
             raise AnsibleFilterError("cluster_env: line %d: unexpected text after the closing quote: %r"
                                      % (lineno, rest))
         value = text[1:end]
         return _DOUBLE_ESCAPE_RE.sub(r"\1", value) if quote == '"' else value
     # Unquoted: ends at whitespace followed by a comment.
-    return re.split(r"\s+#", text, maxsplit=1)[0].strip()
+    return re.split(r"[ \t]+#", text, maxsplit=1)[0].strip(_BLANKS)
+
+
+def _lines(text):
+    """The lines of a cluster.env as a shell reads them: only a line feed ends a
+    line; a carriage return right before it (or at the end of the text) is
+    dropped, so files with Windows line ends (CRLF) read the same. Any other
+    control or line-breaking character is an error naming the line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for lineno, line in enumerate(lines, 1):
+        if line.endswith("\r"):
+            line = line[:-1]
+        bad = _FORBIDDEN_RE.search(line)
+        if bad:
+            char = bad.group(0)
+            name = _CHARACTER_NAMES.get(char, "control character")
+            raise AnsibleFilterError(
+                "cluster_env: line %d contains a %s (U+%04X), which a shell and other readers split differently: "
+                "remove it (line %r)" % (lineno, name, ord(char), line))
+        yield lineno, line
 
 
 def parse_cluster_env(text):
     """All KEY=VALUE pairs of a cluster.env text, last assignment wins."""
     pairs = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+    for lineno, line in _lines(text):
+        line = line.strip(_BLANKS)
         if not line or line.startswith("#"):
             continue
         match = _LINE_RE.match(line)
         if not match:
             raise AnsibleFilterError("cluster_env: line %d is not KEY=VALUE: %r" % (lineno, line))
-        pairs[match.group(1)] = _value(match.group(2).strip(), lineno)
+        pairs[match.group(1)] = _value(match.group(2).strip(_BLANKS), lineno)
     return pairs
 
 
@@ -163,7 +191,7 @@ def cluster_env(text, raw=False):
         return pairs
     options = {}
     for key, option in CLUSTER_ENV_OPTIONS.items():
-        value = pairs.get(key, "").strip()
+        value = pairs.get(key, "").strip(_BLANKS)
         if value:
             options[option] = value
     return options

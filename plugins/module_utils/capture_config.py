@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: meshcapture.sidecar contributors
 # Apache License 2.0 (see LICENSE)
-"""Validated capture configuration (istio-iptables 1.17 options).
+"""Validated capture configuration (istio-iptables options, Istio 1.17 to 1.30).
 
 Pure Python, no Ansible imports.  Every value that can end up in an
 iptables-restore payload is checked against a strict grammar here, so no
@@ -14,6 +14,9 @@ __metaclass__ = type
 
 import ipaddress
 import re
+
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_options import BY_NAME, core_defaults
+from ansible_collections.meshcapture.sidecar.plugins.module_utils import capture_releases
 
 
 class CaptureError(Exception):
@@ -50,6 +53,7 @@ class ConfigError(CaptureError):
 
 
 INTERCEPTION_MODES = ("REDIRECT", "TPROXY")
+NFT_LAYOUTS = ("istio", "sets")
 # Routing tables the kernel reserves: unspec, default, main, local.
 RESERVED_ROUTE_TABLES = (0, 253, 254, 255)
 MAX_U32 = 2 ** 32 - 1
@@ -63,35 +67,11 @@ _POSIX_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}$")
 _ADDR_CHARS_RE = re.compile(r"^[0-9A-Fa-f:.]+$")
 
-# name -> default, in INTERFACE.md order.  proxy_gid None means "same as
-# proxy_uid"; dns_servers_* None means "read /etc/resolv.conf".
-DEFAULTS = {
-    "proxy_port": 15001,
-    "inbound_capture_port": 15006,
-    "inbound_tunnel_port": 15008,
-    "proxy_uid": ["1337"],
-    "proxy_gid": None,
-    "inbound_interception_mode": "REDIRECT",
-    "inbound_tproxy_mark": 1337,
-    "inbound_tproxy_route_table": 133,
-    "inbound_ports_include": [],
-    "inbound_ports_exclude": [],
-    "outbound_ports_include": [],
-    "outbound_ports_exclude": [],
-    "outbound_ip_ranges_include": [],
-    "outbound_ip_ranges_exclude": [],
-    "kube_virt_interfaces": [],
-    "exclude_interfaces": [],
-    "owner_groups_include": ["*"],
-    "owner_groups_exclude": [],
-    "redirect_dns": False,
-    "capture_all_dns": False,
-    "dns_servers_v4": None,
-    "dns_servers_v6": None,
-    "drop_invalid": False,
-    "enable_inbound_ipv6": False,
-    "trace_logging": False,
-}
+# name -> default of every capture option, from the option table.  proxy_gid
+# None means "same as proxy_uid"; dns_servers_* None means "read
+# /etc/resolv.conf"; istio_version None means 1.17; nft_layout None means
+# "istio" from Istio 1.27 on, "sets" before.
+DEFAULTS = core_defaults()
 
 
 def as_list(option, value):
@@ -260,6 +240,59 @@ def check_bool(option, value):
     raise ConfigError(option, value, "expected a boolean")
 
 
+def check_istio_version(option, value):
+    """'1.26' or '1.26.3' -> ((1, 26), patch or None); unset -> ((1, 17), None)."""
+    if value is None:
+        return capture_releases.DEFAULT_RELEASE, None
+    if isinstance(value, float):
+        value = repr(value)
+    parsed = capture_releases.parse_version(value)
+    if parsed is None:
+        hint = ""
+        if isinstance(value, str) and capture_releases.parse_version(value + "0"):
+            # YAML reads an unquoted 1.20 as the number 1.2.
+            hint = "; quote the version in YAML, an unquoted %s0 is the number %s" % (value, value)
+        raise ConfigError(option, value, "unsupported Istio release; supported: %s (a patch version such as "
+                          "1.28.3 selects its release)%s" % (capture_releases.supported_text(), hint))
+    return parsed
+
+
+_LOOPBACK_CIDR_RE = re.compile(r"^(0|[1-9][0-9]{0,2})(\.(0|[1-9][0-9]{0,2})){3}/([1-9][0-9]?)$")
+
+
+def check_loopback_cidr(option, value):
+    """An IPv4 loopback address with a prefix length of 8 to 32, kept as written (istio's
+    ValidateIPv4LoopbackCidr)."""
+    if not isinstance(value, str) or not _LOOPBACK_CIDR_RE.match(value):
+        raise ConfigError(option, value, "expected an IPv4 CIDR (address/prefix length)")
+    address, prefix = value.split("/")
+    try:
+        addr = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise ConfigError(option, value, "expected an IPv4 CIDR (address/prefix length)")
+    if not addr.is_loopback:
+        raise ConfigError(option, value, "expected an IPv4 loopback address (127.0.0.0/8)")
+    if not 8 <= int(prefix) <= 32:
+        raise ConfigError(option, value, "the prefix length must be between 8 and 32")
+    return value
+
+
+def check_release_options(params, release):
+    """Options the release does not have may only have their default value."""
+    text = capture_releases.release_text(release)
+    for name in sorted(params):
+        option = BY_NAME.get(name)
+        value = params[name]
+        if option is None or value is None or value == option.default:
+            continue
+        if option.first is not None and release < option.first:
+            raise ConfigError(name, value, "not an option of Istio %s: it is new in Istio %s (istio_version)"
+                              % (text, capture_releases.release_text(option.first)))
+        if option.last is not None and release > option.last:
+            raise ConfigError(name, value, "not an option of Istio %s: Istio %s removed it (istio_version)"
+                              % (text, capture_releases.release_text((option.last[0], option.last[1] + 1))))
+
+
 def parse_resolv_conf(text):
     """Name servers of a resolv.conf, split by family (istio SplitV4V6).
 
@@ -288,6 +321,13 @@ class CaptureConfig(object):
     of Cidr or the string "*".
     """
 
+    # Set by from_params; the class values keep a bare instance at the
+    # defaults (Istio 1.17).
+    istio_version = capture_releases.DEFAULT_RELEASE
+    istio_patch = None
+    host_ipv4_loopback_cidr = "127.0.0.1/32"
+    nft_layout = "sets"
+
     def __init__(self):
         self.warnings = []
 
@@ -307,6 +347,18 @@ class CaptureConfig(object):
             return DEFAULTS[name] if value is None else value
 
         cfg = cls()
+        cfg.istio_version, cfg.istio_patch = check_istio_version("istio_version", params.get("istio_version"))
+        check_release_options(params, cfg.istio_version)
+        cfg.host_ipv4_loopback_cidr = check_loopback_cidr("host_ipv4_loopback_cidr", get("host_ipv4_loopback_cidr"))
+        layout = params.get("nft_layout")
+        if layout is None:
+            layout = "istio" if cfg.has("native_nftables") else "sets"
+        elif layout not in NFT_LAYOUTS:
+            raise ConfigError("nft_layout", layout, "expected one of %s" % ", ".join(NFT_LAYOUTS))
+        elif layout == "istio" and not cfg.has("native_nftables"):
+            raise ConfigError("nft_layout", layout, "Istio's native nftables capture is new in Istio 1.27; set "
+                              "istio_version to 1.27 or later, or use 'sets'")
+        cfg.nft_layout = layout
         cfg.proxy_port = check_port("proxy_port", get("proxy_port"))
         cfg.inbound_capture_port = check_port("inbound_capture_port", get("inbound_capture_port"))
         cfg.inbound_tunnel_port = check_port("inbound_tunnel_port", get("inbound_tunnel_port"))
@@ -358,7 +410,16 @@ class CaptureConfig(object):
             v6 = found6 if v6 is None else v6
         cfg.dns_servers_v4 = check_dns_servers("dns_servers_v4", v4, 4)
         cfg.dns_servers_v6 = check_dns_servers("dns_servers_v6", v6, 6)
+        if (cfg.redirect_dns and not cfg.capture_all_dns and not cfg.dns_servers_v4 and not cfg.dns_servers_v6
+                and cfg.has("dns_needs_servers")):
+            cfg.warnings.append("redirect_dns is set, but there are no DNS servers and capture_all_dns is false: "
+                                "Istio %s captures no DNS then" % capture_releases.release_text(cfg.istio_version))
         return cfg
+
+    def has(self, behaviour):
+        """Whether the rules of the configured Istio release have the named behaviour change
+        (capture_releases.RELEASES)."""
+        return capture_releases.has(self.istio_version, behaviour)
 
     def check_owner_names(self, user_exists, group_exists):
         """Owner names must exist where the rules are applied: iptables
@@ -383,6 +444,7 @@ class CaptureConfig(object):
             if isinstance(value, list):
                 value = [str(v) for v in value]
             out[name] = value
+        out["istio_version"] = capture_releases.release_text(self.istio_version)
         out["inbound_tproxy_mark"] = int(self.inbound_tproxy_mark)
         for name in ("proxy_port", "inbound_capture_port", "inbound_tunnel_port"):
             out[name] = int(out[name])

@@ -65,17 +65,20 @@ class Builder(object):
     (istio's iptableslog identifiers).
     """
 
-    def __init__(self, ipv6=False, trace_logging=False):
+    def __init__(self, ipv6=False, trace_logging=False, quote_nflog_prefix=True):
         self.ipv6 = ipv6
         self.trace_logging = trace_logging
+        # istio-iptables up to 1.23 wrote the prefix in double quotes.
+        self.quote_nflog_prefix = quote_nflog_prefix
         self._rules = {IPV4: [], IPV6: []}
 
     def _log_params(self, log, params):
         if not (self.trace_logging and log and "-j" in params):
             return None
         match = params[:params.index("-j")]
+        prefix = '"%s"' % log if self.quote_nflog_prefix else log
         # 1337 is istio's NFLOG group; 20 bytes hold the IPv4 header.
-        return match + ("-j", "NFLOG", "--nflog-prefix", '"%s"' % log,
+        return match + ("-j", "NFLOG", "--nflog-prefix", prefix,
                         "--nflog-group", "1337", "--nflog-size", "20")
 
     def _add(self, family, log, chain, table, position, params):
@@ -171,6 +174,57 @@ def render_restore(ruleset, family, tables=TABLES):
         lines.extend(":%s - [0:0]" % chain for t, chain in chains if t == table)
         lines.extend(restore_line(r) for r in rules)
         lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+# Targets that are not chains a payload has to declare (istio's BuiltInChainsMap).
+_NOT_DECLARED = BUILTIN_CHAINS | frozenset(("ACCEPT", "RETURN", "DROP"))
+
+
+def render_restore_declared(ruleset, family):
+    """The iptables-restore payload as istio-iptables 1.24 and later write it.
+
+    For each table with rules, in alphabetical order: '* <table>', '-N <chain>'
+    for each non-built-in chain in order of first use, then for chains that
+    are only jump targets (a rule ending in '-j <chain>'), then the rules in
+    the order added, then 'COMMIT'.  Meant for --noflush on a host without
+    the chains, as istio-iptables applies it.
+    """
+    rules = ruleset[family]
+    declared = {}
+    seen = set()
+    for rule in rules:
+        if (rule.table, rule.chain) not in seen:
+            seen.add((rule.table, rule.chain))
+            if rule.chain not in _NOT_DECLARED:
+                declared.setdefault(rule.table, []).append(rule.chain)
+    for rule in rules:
+        if len(rule.params) >= 2 and rule.params[-2] == "-j":
+            target = rule.params[-1]
+            if (rule.table, target) not in seen:
+                seen.add((rule.table, target))
+                if target not in _NOT_DECLARED:
+                    declared.setdefault(rule.table, []).append(target)
+    lines = []
+    for table in sorted(set(rule.table for rule in rules)):
+        lines.append("* %s" % table)
+        lines.extend("-N %s" % chain for chain in declared.get(table, []))
+        lines.extend(restore_line(rule) for rule in rules if rule.table == table)
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def as_declaring_payload(payload):
+    """A payload of either form with its chains declared as ':CHAIN - [0:0]'
+    and its tables as '*table': with --noflush this also empties chains that
+    exist already, where '-N CHAIN' (istio-iptables 1.24+) fails."""
+    lines = []
+    for line in payload.splitlines():
+        if line.startswith("* "):
+            line = "*" + line[2:]
+        elif line.startswith("-N "):
+            line = ":%s - [0:0]" % line[3:]
+        lines.append(line)
     return "\n".join(lines) + "\n" if lines else ""
 
 

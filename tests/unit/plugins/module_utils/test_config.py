@@ -142,3 +142,106 @@ def test_owner_names_must_exist_on_target(option, value, message):
 def test_numeric_owners_need_no_lookup():
     cfg = CaptureConfig.from_params({"proxy_uid": ["1337"], "owner_groups_exclude": ["888"]})
     cfg.check_owner_names(lambda name: False, lambda name: False)
+
+
+SUPPORTED = ("1.17, 1.18, 1.19, 1.20, 1.21, 1.22, 1.23, 1.24, 1.25, 1.26, 1.27, 1.28, 1.29, 1.30")
+
+# (options, exact message)
+RELEASE_ERRORS = [
+    (dict(istio_version="1.16"),
+     "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
+     "release) (got '1.16')" % SUPPORTED),
+    (dict(istio_version="1.31.0"),
+     "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
+     "release) (got '1.31.0')" % SUPPORTED),
+    (dict(istio_version="1.2x"),
+     "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
+     "release) (got '1.2x')" % SUPPORTED),
+    (dict(istio_version="1.026"),
+     "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
+     "release) (got '1.026')" % SUPPORTED),
+    (dict(host_ipv4_loopback_cidr="127.0.0.1/8"),
+     "host_ipv4_loopback_cidr: not an option of Istio 1.17: it is new in Istio 1.21 (istio_version) "
+     "(got '127.0.0.1/8')"),
+    (dict(istio_version="1.20.8", host_ipv4_loopback_cidr="127.0.0.1/8"),
+     "host_ipv4_loopback_cidr: not an option of Istio 1.20: it is new in Istio 1.21 (istio_version) "
+     "(got '127.0.0.1/8')"),
+    (dict(istio_version="1.26", trace_logging=True),
+     "trace_logging: not an option of Istio 1.26: Istio 1.26 removed it (istio_version) (got True)"),
+    (dict(istio_version="1.30", trace_logging=True),
+     "trace_logging: not an option of Istio 1.30: Istio 1.26 removed it (istio_version) (got True)"),
+    (dict(istio_version="1.26", nft_layout="istio"),
+     "nft_layout: Istio's native nftables capture is new in Istio 1.27; set istio_version to 1.27 or later, "
+     "or use 'sets' (got 'istio')"),
+    (dict(nft_layout="nft"), "nft_layout: expected one of istio, sets (got 'nft')"),
+    (dict(istio_version="1.21", host_ipv4_loopback_cidr="10.0.0.1/8"),
+     "host_ipv4_loopback_cidr: expected an IPv4 loopback address (127.0.0.0/8) (got '10.0.0.1/8')"),
+    (dict(istio_version="1.21", host_ipv4_loopback_cidr="127.0.0.1/7"),
+     "host_ipv4_loopback_cidr: the prefix length must be between 8 and 32 (got '127.0.0.1/7')"),
+    (dict(istio_version="1.21", host_ipv4_loopback_cidr="127.0.0.1/33"),
+     "host_ipv4_loopback_cidr: the prefix length must be between 8 and 32 (got '127.0.0.1/33')"),
+    (dict(istio_version="1.21", host_ipv4_loopback_cidr="127.0.0.1"),
+     "host_ipv4_loopback_cidr: expected an IPv4 CIDR (address/prefix length) (got '127.0.0.1')"),
+    (dict(istio_version="1.21", host_ipv4_loopback_cidr="::1/128"),
+     "host_ipv4_loopback_cidr: expected an IPv4 CIDR (address/prefix length) (got '::1/128')"),
+    (dict(istio_version="1.21", host_ipv4_loopback_cidr="127.0.0.01/8"),
+     "host_ipv4_loopback_cidr: expected an IPv4 CIDR (address/prefix length) (got '127.0.0.01/8')"),
+    (dict(istio_version="1.21", host_ipv4_loopback_cidr="127.0.0.1/8 -j ACCEPT"),
+     "host_ipv4_loopback_cidr: expected an IPv4 CIDR (address/prefix length) (got '127.0.0.1/8 -j ACCEPT')"),
+    (dict(istio_version="1.21", host_ipv4_loopback_cidr="127.0.0.256/8"),
+     "host_ipv4_loopback_cidr: expected an IPv4 CIDR (address/prefix length) (got '127.0.0.256/8')"),
+]
+
+
+@pytest.mark.parametrize("options, message", RELEASE_ERRORS, ids=[
+    "too-old", "too-new", "garbage", "leading-zero", "cidr-on-1.17", "cidr-on-1.20", "trace-1.26", "trace-1.30",
+    "nft-istio-1.26", "nft-layout-choice", "cidr-not-loopback", "cidr-prefix-7", "cidr-prefix-33", "cidr-no-prefix",
+    "cidr-ipv6", "cidr-leading-zero", "cidr-injection", "cidr-octet"])
+def test_release_errors_name_option_and_value(options, message):
+    with pytest.raises(ConfigError) as err:
+        CaptureConfig.from_params(options)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("version, release, patch", [
+    (None, (1, 17), None), ("1.17", (1, 17), None), ("1.19", (1, 19), None), ("1.28.3", (1, 28), 3),
+    ("1.30.0", (1, 30), 0), ("1.21.10", (1, 21), 10)])
+def test_istio_version_selects_its_release(version, release, patch):
+    cfg = CaptureConfig.from_params({"istio_version": version})
+    assert (cfg.istio_version, cfg.istio_patch) == (release, patch)
+    assert isinstance(cfg.istio_version, tuple) and all(isinstance(v, int) for v in cfg.istio_version)
+    assert cfg.to_dict()["istio_version"] == "%d.%d" % release
+
+
+@pytest.mark.parametrize("options", [
+    dict(host_ipv4_loopback_cidr="127.0.0.1/32"),  # the default is accepted by every release
+    dict(istio_version="1.26", trace_logging=False),
+    dict(istio_version="1.25", trace_logging=True),
+    dict(istio_version="1.21", host_ipv4_loopback_cidr="127.0.0.1/8"),
+    dict(istio_version="1.30", host_ipv4_loopback_cidr="127.255.0.0/16"),
+    dict(istio_version="1.20", nft_layout="sets"),
+    dict(istio_version="1.28", nft_layout="sets"),
+], ids=["default-cidr-1.17", "trace-false-1.26", "trace-1.25", "cidr-1.21", "cidr-1.30", "sets-1.20", "sets-1.28"])
+def test_release_options_accepted(options):
+    cfg = CaptureConfig.from_params(options)
+    assert cfg.warnings == []
+
+
+@pytest.mark.parametrize("version, layout", [(None, "sets"), ("1.26", "sets"), ("1.27", "istio"), ("1.30.2", "istio")])
+def test_nft_layout_default_follows_the_release(version, layout):
+    assert CaptureConfig.from_params({"istio_version": version}).nft_layout == layout
+
+
+def test_host_ipv4_loopback_cidr_kept_as_written():
+    cfg = CaptureConfig.from_params(dict(istio_version="1.21", host_ipv4_loopback_cidr="127.0.0.1/8"))
+    assert cfg.host_ipv4_loopback_cidr == "127.0.0.1/8"
+    assert CaptureConfig.from_params({}).host_ipv4_loopback_cidr == "127.0.0.1/32"
+
+
+@pytest.mark.parametrize("value", ["1.2", 1.2])
+def test_unquoted_yaml_version_gets_a_hint(value):
+    with pytest.raises(ConfigError) as err:
+        CaptureConfig.from_params({"istio_version": value})
+    assert str(err.value) == (
+        "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
+        "release); quote the version in YAML, an unquoted 1.20 is the number 1.2 (got '1.2')" % SUPPORTED)

@@ -1,11 +1,14 @@
 """The rules module with state=rendered, and its argument errors."""
 
+import re
+
 import pytest
 
 from ansible_collections.meshcapture.sidecar.plugins.modules import rules
-from tests.unit.corpus import all_cases
+from tests.unit.corpus import all_cases, golden_cases
 
 CASES = all_cases()
+RELEASE_CASES = golden_cases()
 
 
 @pytest.mark.parametrize("options, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -16,6 +19,24 @@ def test_rendered_returns_istio_commands(run_module, options, expected):
     assert result["changed"] is False
     assert set(result["restore"]) == {"ipv4", "ipv6"}
     assert result["backend"] == "iptables-nft"
+
+
+@pytest.mark.parametrize("case", RELEASE_CASES, ids=[c.id for c in RELEASE_CASES])
+def test_rendered_returns_each_release_golden(run_module, case):
+    """state=rendered with istio_version: the corpus of that release, compared as its cases.yaml says."""
+    result, failed = run_module(rules.main, dict(case.options, state="rendered"))
+    assert not failed, result.get("msg")
+    assert case.actual(result) == case.expected()
+    assert result["config"]["istio_version"] == case.options.get("istio_version", "1.17")
+
+
+def test_rendered_restore_of_1_24_is_istio_payload(run_module):
+    result, failed = run_module(rules.main, dict(state="rendered", istio_version="1.26.8", inbound_ports_include="*",
+                                                 drop_invalid=True))
+    assert not failed, result.get("msg")
+    assert result["restore"]["ipv4"].splitlines()[:3] == ["* mangle", "-N ISTIO_DROP",
+                                                          "-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP"]
+    assert result["restore"]["ipv6"] == ""
 
 
 def test_rendered_accepts_cluster_env_strings(run_module):
@@ -72,7 +93,23 @@ def test_rendered_honours_forced_backend(run_module):
     (dict(inbound_interception_mode="tproxy"),
      "value of inbound_interception_mode must be one of: REDIRECT, TPROXY, got: tproxy"),
     (dict(state="latest"), "value of state must be one of: present, absent, rendered, got: latest"),
-], ids=["port", "newline", "cidr", "interface", "table", "dns-family", "mode-choice", "state-choice"])
+    (dict(istio_version="1.31"),
+     "istio_version: unsupported Istio release; supported: 1.17, 1.18, 1.19, 1.20, 1.21, 1.22, 1.23, 1.24, 1.25, "
+     "1.26, 1.27, 1.28, 1.29, 1.30 (a patch version such as 1.28.3 selects its release) (got '1.31')"),
+    (dict(istio_version="1.20", host_ipv4_loopback_cidr="127.0.0.1/8"),
+     "host_ipv4_loopback_cidr: not an option of Istio 1.20: it is new in Istio 1.21 (istio_version) "
+     "(got '127.0.0.1/8')"),
+    (dict(istio_version="1.26.1", trace_logging=True),
+     "trace_logging: not an option of Istio 1.26: Istio 1.26 removed it (istio_version) (got True)"),
+    (dict(istio_version="1.22", host_ipv4_loopback_cidr="10.0.0.1/8"),
+     "host_ipv4_loopback_cidr: expected an IPv4 loopback address (127.0.0.0/8) (got '10.0.0.1/8')"),
+    (dict(backend="nftables", istio_version="1.26", nft_layout="istio"),
+     "nft_layout: Istio's native nftables capture is new in Istio 1.27; set istio_version to 1.27 or later, "
+     "or use 'sets' (got 'istio')"),
+    (dict(nft_layout="native"), "value of nft_layout must be one of: istio, sets, got: native"),
+], ids=["port", "newline", "cidr", "interface", "table", "dns-family", "mode-choice", "state-choice",
+        "version-unknown", "new-option-on-old-release", "removed-option", "cidr-not-loopback",
+        "nft-istio-before-1.27", "nft-layout-choice"])
 def test_bad_input_fails_with_exact_message(run_module, args, message):
     result, failed = run_module(rules.main, dict(args, state=args.get("state", "rendered")))
     assert failed
@@ -108,3 +145,23 @@ def test_memo_is_off_when_a_source_is_unreadable(monkeypatch):
                 return None
 
     assert rules._code_digest(rules.capture_rules, NoSource) is None
+
+
+def test_engine_gets_declaring_payloads_of_istio_form(run_module, monkeypatch, tmp_path):
+    """From 1.24 the result's restore is Istio's payload ('-N CHAIN'); the engine applies the same rules with
+    ':CHAIN - [0:0]' declarations, which --noflush accepts where the chains exist already."""
+    seen = {}
+
+    def converge(host, backend, state, rendered, ruleset, job):
+        seen.update(rendered["restore"])
+        return dict(changed=False, added=[], removed=[], diff=[], migrated_from=[])
+
+    monkeypatch.setattr(rules, "converge", converge)
+    result, failed = run_module(rules.main, dict(state="present", istio_version="1.26", inbound_ports_include="*",
+                                                 state_dir=str(tmp_path)))
+    assert not failed, result.get("msg")
+    assert result["restore"]["ipv4"].startswith("* nat\n-N ISTIO_INBOUND\n")
+    assert seen["ipv4"].startswith("*nat\n:ISTIO_INBOUND - [0:0]\n")
+    assert "-N " not in seen["ipv4"]
+    back = re.sub(r"^:(\S+) - \[0:0\]$", r"-N \1", re.sub(r"^\*", "* ", seen["ipv4"], flags=re.M), flags=re.M)
+    assert back == result["restore"]["ipv4"]
