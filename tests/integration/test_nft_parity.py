@@ -13,6 +13,12 @@ an app or resolver on the host or the peer, or no answer and why) and the
 original destination it saw (SO_ORIGINAL_DST; a TPROXY listener's local
 address).  Real packets, not text.
 
+Per release (test_release_nft_steers_like_its_iptables): every Istio release
+the module renders (istio_version 1.17 to 1.28), two configurations each,
+the release's iptables rules against its nftables rules: Istio's own native
+tables (capture_nft_istio) from 1.27, the set translation before and, as
+nft_layout 'sets', from 1.27 too.
+
 Addresses: traffic only uses 192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24,
 2001:db8::/32 (and loopback).  A case's outbound ranges outside those are
 mapped onto /26s of 203.0.113.0/24 (IPv6: /48s under 2001:db8:e000::) and
@@ -35,9 +41,11 @@ import netns
 from probe_batch import Listeners, listener, run_probes
 from tests.unit.corpus import all_cases
 
+from ansible_collections.meshcapture.sidecar.plugins.module_utils import capture_config
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import CaptureConfig
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_generator import generate
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import render_nft
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft_istio import render_transaction
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules import IPV4, IPV6, render_restore
 
 pytestmark = pytest.mark.netns
@@ -272,3 +280,93 @@ def test_probes_reached_every_listener_kind():
     if len(SEEN) == 0:
         pytest.skip("the parity cases did not run")
     assert {"host:15001", "host:15006", "host:15053", "host:53", "peer:53", "peer:80", "host:8080"} <= SEEN, SEEN
+
+
+# ------------------------------------------------------------ per release
+# Every Istio release the module renders (istio_version): its iptables
+# rules against its nftables rules (Istio's native layout from 1.27, the
+# named-set translation before, and as nft_layout 'sets' from 1.27 too).
+# Two configurations per release cover what VERSIONS.md lists as changed:
+# the loopback redirect and the tunnel port (1.18), the DNS zones (1.20),
+# host_ipv4_loopback_cidr (1.21), DNS through ISTIO_OUTPUT and the include
+# list without RETURN (1.23), ISTIO_DROP (1.24), all-protocol OUTPUT, UDP
+# port exclusions and the DNS chains (1.25), the native tables, their
+# dual-stack insert order and counters (1.27, 1.28).
+RELEASES = ("1.17", "1.18", "1.20", "1.21", "1.22", "1.23", "1.24", "1.25", "1.26", "1.27", "1.28")
+RELEASES_READY = "istio_version" in capture_config.DEFAULTS
+needs_releases = pytest.mark.skipif(not RELEASES_READY, reason="capture_config has no istio_version option yet")
+
+
+def release_configs(release):
+    """{name: options} of the configurations a release is checked with."""
+    version = tuple(int(part) for part in release.split("."))
+    redirect = dict(
+        inbound_ports_include=["*"], inbound_ports_exclude=["8081"], outbound_ip_ranges_include=["*"],
+        outbound_ip_ranges_exclude=["198.51.100.128/25", "2001:db8:fffe::/48"], outbound_ports_exclude=["8443"],
+        redirect_dns=True, dns_servers_v4=["192.0.2.53", "127.0.0.53"], dns_servers_v6=["2001:db8::53"],
+        proxy_gid=["1337", "1338"], owner_groups_exclude=["4242"], enable_inbound_ipv6=True)
+    if version >= (1, 21):
+        redirect["host_ipv4_loopback_cidr"] = "127.0.0.1/8"
+    tproxy = dict(
+        inbound_interception_mode="TPROXY", inbound_ports_include=["8080", "9000"],
+        outbound_ip_ranges_include=["198.51.100.0/24", "203.0.113.0/24", "2001:db8:8000::/33"],
+        outbound_ip_ranges_exclude=["203.0.113.64/26"], outbound_ports_include=["8443"],
+        owner_groups_include=["1000", "4242"], kube_virt_interfaces=["eth9"], drop_invalid=True,
+        enable_inbound_ipv6=True)
+    out = {"redirect-dual-dns": redirect, "tproxy-groups": tproxy}
+    if version >= (1, 27):
+        out.update(("%s-sets" % name, dict(options, nft_layout="sets")) for name, options in list(out.items()))
+    return out
+
+
+def _release_case(release, name, options):
+    return pytest.param(release, options, id="%s/%s" % (release, name))
+
+
+RELEASE_CASES = [_release_case(release, name, options)
+                 for release in RELEASES for name, options in release_configs(release).items()]
+
+
+def release_probe_plan(cfg):
+    """probe_plan plus what the releases changed: the proxy's own connections
+    to the inbound tunnel port and to a loopback address other than
+    127.0.0.1 (both over lo)."""
+    probes, inbound, in_ports, out_ports = probe_plan(cfg)
+    extra = []
+    for uid, gid in [(APP, APP)] + [(int(u), APP) for u in cfg.proxy_uid[:1]] + [(APP, int(g)) for g in
+                                                                               cfg.proxy_gid[-1:]]:
+        for family in (4, 6):
+            extra.append(dict(proto="tcp", dst=HOST[family], port=int(cfg.inbound_tunnel_port), uid=uid, gid=gid))
+        extra.append(dict(proto="tcp", dst="127.0.0.2", port=8080, uid=uid, gid=gid))
+    return probes + extra, inbound, in_ports, out_ports
+
+
+def release_nft_loader(cfg):
+    """The nftables loader of cfg's layout: Istio's native transaction or the set translation."""
+    def load(host, ruleset):
+        host.run(["nft", "flush", "ruleset"])
+        payload = render_transaction(cfg) if cfg.nft_layout == "istio" else render_nft(ruleset).payload()
+        host.run(["nft", "-f", "-"], input=payload)
+    return load
+
+
+@needs_releases
+@pytest.mark.parametrize("release, options", RELEASE_CASES)
+def test_release_nft_steers_like_its_iptables(sides, release, options):
+    cfg = CaptureConfig.from_params(mapped_options(dict(options, istio_version=release)))
+    assert cfg.istio_version == tuple(int(part) for part in release.split("."))
+    assert cfg.nft_layout == options.get("nft_layout", "istio" if cfg.istio_version >= (1, 27) else "sets")
+    ruleset = generate(cfg)
+    plan = release_probe_plan(cfg)
+    with ThreadPoolExecutor(2) as pool:
+        ipt = pool.submit(run_side, sides["iptables"], load_iptables, ruleset, cfg, plan)
+        nft = pool.submit(run_side, sides["nftables"], release_nft_loader(cfg), ruleset, cfg, plan)
+        ipt, nft = ipt.result(), nft.result()
+    probes = plan[0] + plan[1]
+    assert len(ipt) == len(nft) == len(probes)
+    differ = ["%s: iptables -> %s | nftables -> %s" % (probe, landing(a), landing(b))
+              for probe, a, b in zip(probes, ipt, nft) if landing(a) != landing(b)]
+    assert not differ, "%d of %d probes land elsewhere:\n%s" % (len(differ), len(probes), "\n".join(differ))
+    landed = set(r["banner"] for r in ipt if r["ok"])
+    # Every configuration captures outbound and inbound traffic, DNS where asked.
+    assert {"host:15001", "host:15006"} | ({"host:15053"} if cfg.redirect_dns else set()) <= landed, landed

@@ -13,6 +13,7 @@ for the apps and the real resolver on the peer.
 import pytest
 
 import netns
+import release_traffic
 from netns import HOST_V4, HOST_V6, fmt_addr, tcp_connect, tcp_listener, udp_dns_listener, udp_query
 from module_runner import run_module
 from rules_helpers import apply, ok
@@ -199,3 +200,40 @@ def test_inbound_tproxy(topology, tmp_path, family, backend):
     assert answer["local"] == fmt_addr(a["host"], 8080)
     answer, dummy = connect(host, 8081, family, peer, a["host"], banner="APP")
     assert answer["ok"] and answer["banner"] == "APP", answer
+
+
+# ------------------------------------------------------------- per release
+# Every Istio release the module renders (istio_version), with both
+# backends (nftables: Istio's native tables from 1.27, the named-set layout
+# before): REDIRECT with DNS capture and owner groups, and TPROXY with an
+# include list, both dual stack, applied by the module and probed with real
+# connections (tests/release_traffic.py has the configurations, the probes
+# and where each must land).
+@pytest.fixture(scope="module")
+def releases_supported():
+    reason = release_traffic.releases_unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def _release_param(release, backend, check):
+    return pytest.param(release, backend, check, id="%s-%s-%s" % (release, backend, check))
+
+
+RELEASE_PARAMS = [_release_param(release, backend, check) for release in release_traffic.RELEASES
+                  for backend in release_traffic.BACKENDS for check in release_traffic.CHECKS]
+
+
+@pytest.mark.parametrize("release, backend, check", RELEASE_PARAMS)
+def test_release_capture_steers_real_traffic(releases_supported, topology, tmp_path, release, backend, check):
+    host, peer = release_traffic.build(topology)
+    options, checks = release_traffic.CHECKS[check]
+    result = release_traffic.apply_release(host, tmp_path, release, backend, options)
+    ok(result)
+    assert result["backend"] == backend and result["changed"] is True
+    if backend == "nftables" and release >= "1.27":
+        assert result["restore"]["nft"].startswith("add table inet istio-proxy-nat\n"), \
+            "Istio's native layout expected from 1.27 on"
+    release_traffic.assert_steers(host, peer, checks(), "Istio %s, %s" % (release, backend))
+    again = ok(release_traffic.apply_release(host, tmp_path, release, backend, options))
+    assert again["changed"] is False, "a second run changed something: %s" % again.get("added")
