@@ -24,7 +24,7 @@ description:
     the files it persists, and whether systemd is running. Nothing is changed before the checks below pass.
   - It computes the M(meshcapture.sidecar.rules) arguments (O(options) over the C(cluster.env) settings) and the
     connection guard as the P(meshcapture.sidecar.capture_plan#filter) filter does, and fails before any change
-    when the inbound ports name the port Ansible is connected on (O(port)) or O(cluster_env) cannot be read.
+    when the inbound ports name a port Ansible is connected on or O(cluster_env) cannot be read.
   - O(state=present) runs M(meshcapture.sidecar.rules) with O(state=present); then
     M(meshcapture.sidecar.routes) with O(state=absent) for the policy routing an earlier run recorded in
     C(routes.env) when that differs from the wanted one; then M(meshcapture.sidecar.routes) with
@@ -32,9 +32,11 @@ description:
     C(routes.env) records and a record shows that the module found nothing to do on the same routing state
     (see below); then, with O(persist), writes
     C(rules.v4), C(rules.v6) (the restore payloads of the rules result; with C(backend=nftables) in O(options)
-    also C(rules.nft)), C(routes.env) (the backend and the
+    also C(rules.nft); the rules result's C(boot_payload) when it has one, else its C(restore)), C(routes.env)
+    (the backend and the
     policy routing), O(persist_files) and O(persist_extra_files) with M(meshcapture.sidecar.persist), unless
-    every one of them already has the content, mode, owner and group it would write.
+    every one of them already has the content, mode, owner and group it would write; then enables and starts
+    O(systemd_unit).
   - O(state=absent) runs M(meshcapture.sidecar.rules) with O(state=absent), then
     M(meshcapture.sidecar.routes) with O(state=absent) for the routing wanted now (with TPROXY) and for the
     routing C(routes.env) records. It does not remove the persisted files.
@@ -55,6 +57,8 @@ description:
     C(meshcapture.sidecar.netns)) and C(/proc/net/nf_conntrack) has no entry for the SSH session yet (its ports
     from C(SSH_CONNECTION), of the command's shell or of the nearest parent process that has it, as under
     C(sudo)). On a re-run the capture's own rules track the session, so nothing is written to the kernel.
+  - The guard protects the port of the SSH session the action runs in (C(SSH_CONNECTION) of its shell or of the
+    nearest parent process that has it) and O(port).
   - Check mode and diff mode are passed on to the modules; the diffs of all of them are returned.
 author:
   - meshcapture maintainers (@meshcapture)
@@ -85,9 +89,13 @@ options:
     type: bool
     default: true
   port:
-    description: The port Ansible is connected on (C(ansible_port)).
+    description:
+      - The port Ansible connects to (C(ansible_port)); unset, the port the connection plugin is set to use, if
+        any.
+      - The guard protects this port and, over SSH, the port of the session the action runs in (the 4th field
+        of C(SSH_CONNECTION), which is the port sshd really accepted the connection on, also when only an
+        C(ssh_config) names it); port 22 when neither is known.
     type: int
-    default: 22
   persist_dir:
     description:
       - The directory of the persisted files; its C(routes.env) tells which policy routing an earlier run set up.
@@ -139,10 +147,48 @@ options:
     description: Group of the persisted files.
     type: str
     default: root
+  systemd_unit:
+    description:
+      - The name of the restore unit among O(persist_extra_files). With O(persist), where systemd runs
+        (C(/run/systemd/system)) and with O(systemd_enable), the action enables and starts it (C(systemctl
+        daemon-reload) first when its file was written) with one command, and only what is not so already;
+        starting it runs the restore script, which leaves the capture in place alone. In check mode it says
+        what it would do. The first command reads C(systemctl is-enabled) and C(is-active) of the unit.
+    type: str
+  systemd_enable:
+    description: Enable and start O(systemd_unit).
+    type: bool
+    default: true
+  networkd_conf_dir:
+    description:
+      - The drop-in directory of C(networkd.conf) (C(/etc/systemd/networkd.conf.d)). With O(persist), TPROXY
+        and systemd-networkd in use (its unit enabled or active), the action writes
+        C(meshcapture-capture.conf) there with C(ManageForeignRoutingPolicyRules=no), so that networkd keeps
+        the TPROXY policy rules at boot and when it restarts; the directory is created when missing, and
+        C(routes.env) records both. When TPROXY or networkd is no longer there, and with O(state=absent), the
+        drop-in the record names is removed, and its directory if the role created it and it is empty.
+      - Null, never.
+    type: str
+  istio_version:
+    description:
+      - The Istio release whose rules to apply (the C(istio_version) option of M(meshcapture.sidecar.rules)).
+      - V(auto) reads the installed Istio in the first command - C(dpkg-query) for the C(istio-sidecar)
+        package, else C(rpm -q), else C(pilot-agent version) - and uses its C(X.Y); V(1.17) when none is found.
+      - Null, the module's default.
+    type: str
+  install_dependencies:
+    description:
+      - Look, in the first command, for the commands the modules and the restore script need (PATH and the
+        sbin directories) and for the Python module pyroute2 of the target interpreter
+        (C(ansible_python_interpreter), or the one interpreter discovery would find), and read the OS of
+        C(/etc/os-release).
+      - When something is missing, only check the guard and O(cluster_env) and return RV(missing_dependencies)
+        without running a module; the role installs them and runs the action again.
+    type: bool
+    default: false
   plan_only:
     description:
-      - Only read, compute the plan and check the guard and O(cluster_env); run no module. The role does this
-        before it installs packages or creates the proxy user.
+      - Only read, compute the plan and check the guard and O(cluster_env); run no module and change nothing.
     type: bool
     default: false
 attributes:
@@ -168,8 +214,8 @@ EXAMPLES = r"""
       inbound_ports_include: '*'
       outbound_ip_ranges_include: '*'
     cluster_env: /var/lib/istio/envoy/cluster.env
-    port: 22
     persist_dir: /etc/meshcapture
+    istio_version: auto
   register: capture
 """
 
@@ -212,6 +258,21 @@ routes_removed:
       O(state=absent), the list of its results.
   returned: when it ran
   type: raw
+missing_dependencies:
+  description: With O(install_dependencies), what is missing on the host (commands, C(pyroute2)); no module ran.
+  returned: when something is missing
+  type: list
+  elements: str
+unit:
+  description:
+    - The restore unit O(systemd_unit) - C(name); C(actions), the steps done (or, in check mode, that would be)
+      among C(daemon-reload), C(enable) and C(start); C(changed); and C(reason) when it is not enabled.
+  returned: with O(systemd_unit), O(persist) and O(state=present)
+  type: dict
+networkd_removed:
+  description: The systemd-networkd drop-in an earlier run wrote, removed (C(path), C(changed)).
+  returned: when C(routes.env) records a drop-in that is no longer wanted
+  type: dict
 persisted:
   description:
     - The result of M(meshcapture.sidecar.persist) (C(path), C(written), C(removed), C(existing),

@@ -7,6 +7,7 @@ scenarios, see molecule/.) Also the cluster_env filter's parsing.
 Everything the role writes goes below pytest's tmp_path.
 """
 
+import re
 import sys
 
 import pytest
@@ -243,3 +244,40 @@ def test_check_mode_on_a_converged_host_runs_only_rules_and_changes_nothing(netn
     assert "+ip -4 rule: fwmark 0x539 lookup 133" in proc.stdout, proc.stdout
     assert modules_run(log) == ["rules", "routes"]
     assert state() == drifted != before
+
+
+def task_results(stdout, name):
+    """The result lines (ok/changed/skipping/fatal) of the task called name ('' when it did not run)."""
+    block = stdout.split("TASK [meshcapture.sidecar.capture : %s]" % name)
+    return [] if len(block) < 2 else [line for line in block[1].split("TASK [")[0].splitlines()
+                                      if line.startswith(("ok:", "changed:", "skipping:", "fatal:"))]
+
+
+@pytest.mark.netns
+def test_sidecar_env_task_says_what_it_does_in_both_states(netns_factory, tmp_path):
+    ns = netns_factory("sidecar")
+    sidecar_env = tmp_path / "host" / "sidecar.env"
+    sidecar_env.parent.mkdir(parents=True)
+    sidecar_env.write_text("ISTIO_AGENT_FLAGS=--log_output_level=info\n")
+    options = dict(capture_inbound_ports_include="8080", capture_istio_sidecar_env=True)
+    proc = run_role(ns, tmp_path, **options)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_results(proc.stdout, "Istio sidecar.env: set ISTIO_CUSTOM_IP_TABLES")[0].startswith("changed:")
+    assert "ISTIO_CUSTOM_IP_TABLES=true" in sidecar_env.read_text()
+    proc = run_role(ns, tmp_path, capture_state="absent", **options)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_results(proc.stdout, "Istio sidecar.env: remove ISTIO_CUSTOM_IP_TABLES")[0].startswith("changed:")
+    assert "set ISTIO_CUSTOM_IP_TABLES" not in proc.stdout
+    assert sidecar_env.read_text() == "ISTIO_AGENT_FLAGS=--log_output_level=info\n"
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("version, expected", [("auto", "1.17"), ("1.28.3", "1.28")], ids=["auto-none-installed",
+                                                                                             "explicit"])
+def test_istio_version_reaches_the_rules_module(netns_factory, tmp_path, version, expected):
+    # This machine has no Istio sidecar package or pilot-agent: auto falls back to 1.17.
+    ns = netns_factory("istio")
+    proc = run_role(ns, tmp_path, cli=["-v"], capture_inbound_ports_include="8080", capture_persist=False,
+                    capture_istio_version=version)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r'"istio_version": "%s' % re.escape(expected), proc.stdout), proc.stdout

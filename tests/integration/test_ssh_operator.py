@@ -26,6 +26,10 @@ PYTHONPATH is cleared, so the checkout is not used.
   and Ansible reports the host unreachable. The console (here the netns
   connection) uninstalls it, and SSH works again. docs/troubleshooting.md
   says so.
+* sshd on port 2222, named only in the ssh_config Ansible uses (ansible_port
+  unset): the guard protects 2222, the port of the SSH session
+  (SSH_CONNECTION), not 22; the persisted rules do too, and new connections
+  work.
 """
 
 import json
@@ -132,10 +136,11 @@ class SshVm:
     """A VM namespace with sshd, a controller-side namespace, and the files
     of the run (a short directory: ssh's ControlPath must stay short)."""
 
-    def __init__(self, topology, collection, foreign=FOREIGN):
+    def __init__(self, topology, collection, foreign=FOREIGN, port=22):
         if not (shutil.which("sshd") or os.access("/usr/sbin/sshd", os.X_OK)):
             pytest.skip("no sshd: run scripts/setup.sh (it installs openssh-server)")
         self.collection = collection
+        self.port = port
         self.dir = Path(tempfile.mkdtemp(prefix="mcs-ssh-"))
         self.host = self.dir / "host"
         try:
@@ -151,15 +156,24 @@ class SshVm:
         netns.veth(vm, ctrl)  # vm 192.0.2.10, ctrl 192.0.2.20
         subprocess.run(["sh", str(SSHVM), "config", vm.name, ctrl.name, str(self.dir)],
                        check=True, capture_output=True, text=True, timeout=60)
+        if self.port != 22:
+            # sshd on another port, which only the ssh_config names (as an operator's ~/.ssh/config does).
+            for name, old, new in (("sshd_config", "ListenAddress %s:22\n" % VM_ADDR,
+                                    "ListenAddress %s:%d\n" % (VM_ADDR, self.port)),
+                                   ("ssh_config", "    User root\n", "    User root\n    Port %d\n" % self.port)):
+                path = self.dir / name
+                text = path.read_text()
+                assert old in text, (name, text)
+                path.write_text(text.replace(old, new, 1))
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         vm.popen([sshd, "-D", "-f", self.dir / "sshd_config", "-E", self.dir / "sshd.log"],
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         ctrl.python("import socket, time\n"
                     "for _ in range(100):\n"
                     "    try:\n"
-                    "        socket.create_connection(('%s', 22), timeout=1).close(); break\n"
+                    "        socket.create_connection(('%s', %d), timeout=1).close(); break\n"
                     "    except OSError: time.sleep(0.1)\n"
-                    "else: raise SystemExit('sshd does not answer')" % VM_ADDR)
+                    "else: raise SystemExit('sshd does not answer')" % (VM_ADDR, self.port))
         for argv in foreign:
             vm.run(argv)
         (self.host / "systemd").mkdir(parents=True)
@@ -276,10 +290,13 @@ def test_guarded_capture_over_ssh(ssh_vm, pipelining):
     held_before, held_after = connections(proc)
     assert held_before and held_before == held_after
     assert held_before.endswith(" %s 22" % VM_ADDR)
-    assert "port 22, which Ansible is connected on (ansible_port), is added to inbound_ports_exclude" in proc.stdout
-    # Dependencies were all there (the venv interpreter imports pyroute2).
-    assert re.search(r"TASK \[meshcapture\.sidecar\.capture : Install the packages that provide what is missing\]"
-                     r" \*+\nskipping: \[vm\]", proc.stdout), proc.stdout
+    # The guarded port is the one of the SSH session (ansible_port is unset here).
+    assert ("port 22, which Ansible is connected on (the port of its SSH session, SSH_CONNECTION), is added to "
+            "inbound_ports_exclude") in proc.stdout, proc.stdout
+    # Dependencies were all there (the venv interpreter imports pyroute2): the action's first command found
+    # nothing missing, so the install step was not included.
+    assert re.search(r"TASK \[meshcapture\.sidecar\.capture : Install the missing dependencies, then apply the "
+                     r"capture\] \*+\nskipping: \[vm\]", proc.stdout), proc.stdout
     applied = ssh_vm.snapshot()
     assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN" in applied
     assert "ISTIO_TPROXY" in applied
@@ -371,3 +388,40 @@ def test_held_connection_survives_where_nothing_tracked_it(ssh_vm):
                                          capture_outbound_ip_ranges_include="*")
     assert_ok(proc)
     assert recap(proc)["changed"] == 0 and events == [], events
+
+
+@pytest.fixture
+def ssh_vm_2222(topology, collection):
+    vm = SshVm(topology, collection, port=2222)
+    yield vm
+    vm.close()
+
+
+def test_guard_protects_the_port_only_ssh_config_names(ssh_vm_2222):
+    """sshd listens on 2222, which only the ssh_config Ansible uses names
+    (ansible_port is unset): the guard protects the port of the SSH session
+    the action runs in (SSH_CONNECTION), not 22; the capture persisted for the
+    next boot keeps it reachable too, and new SSH connections work."""
+    vm = ssh_vm_2222
+    before = vm.snapshot()
+    capture = dict(capture_inbound_ports_include="*", capture_outbound_ip_ranges_include="*")
+    proc = vm.play(APPLY, **capture)
+    assert_ok(proc)
+    held_before, held_after = connections(proc)
+    assert held_before.endswith(" %s 2222" % VM_ADDR) and held_before == held_after
+    assert ("port 2222, which Ansible is connected on (the port of its SSH session, SSH_CONNECTION), is added to "
+            "inbound_ports_exclude") in proc.stdout, proc.stdout
+    applied = vm.snapshot()
+    assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 2222 -j RETURN" in applied
+    assert "--dport 22 " not in applied
+    assert "--dport 2222 -j RETURN" in (vm.host / "persist" / "rules.v4").read_text()
+    new = vm.ssh()
+    assert new.returncode == 0, new.stderr
+    assert new.stdout.strip().endswith(" %s 2222" % VM_ADDR)
+    # The re-run on a new connection: nothing to change.
+    proc = vm.play(APPLY, **capture)
+    assert_ok(proc)
+    assert recap(proc)["changed"] == 0, proc.stdout
+    proc = vm.play(ROLE, capture_state="absent")
+    assert_ok(proc)
+    assert vm.snapshot() == before

@@ -22,7 +22,12 @@ from ansible_collections.meshcapture.sidecar.plugins.action.capture import (
     ActionModule,
     compact_lists,
     fingerprint_script,
+    host_script,
+    istio_version,
+    os_family,
+    parse_host,
     routes_env,
+    session_port,
     unchanged,
 )
 
@@ -135,8 +140,10 @@ def test_fingerprint_script_on_real_files(tmp_path):
 # The action, with fake modules and a fake host shell
 # ---------------------------------------------------------------------------
 
-def host_output(cluster_env=None, routes_env_text=None, persisted=None, record=None, systemd=False):
-    """What the read command prints: cluster.env, routes.env, the persisted files' fingerprint, the routing."""
+def host_output(cluster_env=None, routes_env_text=None, persisted=None, record=None, systemd=False, host=None,
+                session=None):
+    """What the read command prints: cluster.env, routes.env, the persisted files' fingerprint, the routing, and
+    with host ({key: value}) the host section, with session the SSH session section."""
     out = ""
     for name, text in (("cluster.env", cluster_env), ("routes.env", routes_env_text)):
         out += "#meshcapture-file %s\n" % name + ("#meshcapture-missing\n" if text is None else text + "\n")
@@ -144,6 +151,10 @@ def host_output(cluster_env=None, routes_env_text=None, persisted=None, record=N
         out += "#meshcapture-file persisted\n" + "".join(line + "\n" for line in persisted)
         out += "systemd=%d\n" % int(systemd)
     out += "#meshcapture-file routing\n%s\n%s\n" % (ROUTING_DIGEST, record or "-")
+    if host is not None:
+        out += "#meshcapture-file host\n" + "".join("%s=%s\n" % item for item in host.items())
+    if session is not None:
+        out += "#meshcapture-file session\n%s\n" % session
     return out
 
 
@@ -157,10 +168,12 @@ def persisted_lines(routes=None, backend="iptables-nft"):
 class Fake(object):
     """Runs the action with fake modules (results by module name) and a fake host shell."""
 
-    def __init__(self, args, stdout, results=None, check_mode=False):
+    def __init__(self, args, stdout, results=None, check_mode=False, diff=False, responses=None):
         self.calls = []
         self.commands = []
         self.stdout = stdout
+        # {text in a command: the shell's result} for the commands after the read
+        self.responses = responses or {}
         self.results = dict({
             "meshcapture.sidecar.rules": {"changed": False, "restore": dict(RESTORE), "backend": "iptables-nft",
                                           "commands": ["iptables -t nat -N ISTIO_INBOUND"], "config": {}},
@@ -171,9 +184,10 @@ class Fake(object):
         task.args = dict(args)
         task.async_val = 0
         task.check_mode = check_mode
-        task.diff = False
+        task.diff = diff
         connection = mock.MagicMock()
         connection._shell.tmpdir = None
+        connection.get_option.return_value = None  # the connection plugin names no port
         loader = mock.MagicMock()
         loader.module_loader.find_plugin_with_context.return_value = mock.MagicMock(
             resolved=True, plugin_resolved_path=ROUTES_MODULE)
@@ -181,12 +195,17 @@ class Fake(object):
         self.action._shared_loader_obj = loader  # ActionBase takes the global plugin loader
         self.action._low_level_execute_command = self.shell
         self.action._execute_module = self.module
+        self.action._templar = mock.MagicMock()
+        self.action._templar.template.side_effect = lambda value: value
 
     def shell(self, cmd, executable=None, **kwargs):
         assert executable == "/bin/sh"
         self.commands.append(cmd)
         if cmd.startswith("r() {"):
             return {"rc": 0, "stdout": self.stdout, "stderr": ""}
+        for text, result in self.responses.items():
+            if text in cmd:
+                return dict(result)
         return {"rc": 0, "stdout": "", "stderr": ""}
 
     def module(self, module_name=None, module_args=None, task_vars=None, **kwargs):
@@ -201,6 +220,10 @@ class Fake(object):
 
     def records(self):
         return [cmd for cmd in self.commands if "umask 077" in cmd]
+
+    def systemctl(self):
+        """The commands after the read that run systemctl."""
+        return [cmd for cmd in self.commands[1:] if "systemctl" in cmd]
 
 
 def present_args(**kwargs):
@@ -486,3 +509,442 @@ def test_no_primer_without_a_network_session(transport):
     fake.run()
     assert capture.PRIMER_SCRIPT not in fake.commands[0]
     assert capture.PRIMER_REMOVE not in fake.commands
+
+
+# ---------------------------------------------------------------------------
+# The restore unit: enabled and started by the action where systemd runs,
+# only what is not so already; check mode says what it would do
+# ---------------------------------------------------------------------------
+
+UNIT_NAME = "meshcapture-capture.service"
+
+
+def unit_args(**kwargs):
+    return present_args(systemd_unit=UNIT_NAME, **kwargs)
+
+
+def test_check_mode_on_a_fresh_systemd_host_reports_the_unit_and_runs_no_systemctl():
+    # The unit file does not exist yet (check mode writes nothing): asking systemd about it would fail.
+    fake = Fake(unit_args(), host_output(persisted=["-"] * 5, systemd=True,
+                                         host={"systemd": "1", "unit": "/inactive"}),
+                {"meshcapture.sidecar.persist": {"changed": True, "written": [PERSIST_DIR + "/rules.v4", UNIT],
+                                                 "systemd_running": True}},
+                check_mode=True, diff=True)
+    result = fake.run()
+    assert not result.get("failed"), result
+    assert fake.systemctl() == []
+    assert result["changed"] is True
+    assert result["unit"] == {"changed": True, "name": UNIT_NAME, "actions": ["daemon-reload", "enable", "start"],
+                              "enabled": True, "active": True}
+    assert result["diff"][-1] == {"before_header": UNIT_NAME + " (systemd)", "after_header": UNIT_NAME + " (systemd)",
+                                  "before": "enabled: not-found\nactive: inactive\n",
+                                  "after": "enabled: enabled\nactive: active\n"}
+
+
+@pytest.mark.parametrize("unit_state, written, command", [
+    pytest.param("/inactive", [UNIT], "systemctl daemon-reload && systemctl enable %s && systemctl start %s"
+                 % (UNIT_NAME, UNIT_NAME), id="fresh-host"),
+    pytest.param("disabled/inactive", [], "systemctl enable %s && systemctl start %s" % (UNIT_NAME, UNIT_NAME),
+                 id="disabled"),
+    pytest.param("enabled/inactive", [], "systemctl start %s" % UNIT_NAME, id="enabled-not-started"),
+    pytest.param("enabled/active", [UNIT], "systemctl daemon-reload", id="unit-file-changed"),
+    pytest.param("enabled/active", [PERSIST_DIR + "/rules.v4"], None, id="payload-changed"),
+    pytest.param("enabled/active", [], None, id="as-it-should-be"),
+])
+def test_unit_gets_only_what_it_lacks_in_one_command(unit_state, written, command):
+    fake = Fake(unit_args(), host_output(persisted=["-"] * 5, systemd=True,
+                                         host={"systemd": "1", "unit": unit_state}),
+                {"meshcapture.sidecar.persist": {"changed": bool(written), "written": written,
+                                                 "systemd_running": True}})
+    result = fake.run()
+    assert fake.systemctl() == ([command] if command else [])
+    assert result["unit"]["changed"] is bool(command)
+    assert "reason" not in result["unit"]
+
+
+def test_no_op_on_a_systemd_host_runs_only_rules_and_no_systemctl():
+    record = "%s %s" % (routing_key(), ROUTING_DIGEST)
+    fake = Fake(unit_args(), host_output(routes_env_text=routes_env("iptables-nft", WANTED_IPV6),
+                                         persisted=persisted_lines(), record=record, systemd=True,
+                                         host={"systemd": "1", "unit": "enabled/active"}))
+    result = fake.run()
+    assert fake.modules() == [("rules", "present")]
+    assert fake.systemctl() == []
+    assert result["changed"] is False
+    assert UNIT_NAME in fake.commands[0] and "is-enabled" in fake.commands[0] and "is-active" in fake.commands[0]
+
+
+def test_failing_systemctl_fails_the_task():
+    fake = Fake(unit_args(), host_output(persisted=["-"] * 5, host={"systemd": "1", "unit": "enabled/inactive"}),
+                responses={"systemctl start": {"rc": 1, "stdout": "", "stderr": "Job failed.\n"}})
+    result = fake.run()
+    assert result["failed"] is True
+    assert result["msg"] == "systemctl start %s failed (rc=1): Job failed." % UNIT_NAME
+
+
+@pytest.mark.parametrize("host, kwargs, reason", [
+    pytest.param({"systemd": "0"}, {}, "systemd is not running on this host (no /run/systemd/system)", id="no-systemd"),
+    pytest.param({"systemd": "1"}, {"systemd_enable": False}, "capture_systemd_enable is false", id="enable-false"),
+])
+def test_unit_not_enabled_says_why(host, kwargs, reason):
+    fake = Fake(unit_args(**kwargs), host_output(persisted=["-"] * 5, host=host))
+    result = fake.run()
+    assert fake.systemctl() == []
+    assert result["unit"] == {"changed": False, "name": UNIT_NAME, "actions": [], "reason": reason}
+
+
+# ---------------------------------------------------------------------------
+# The connection guard: the port of the SSH session the action runs in
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("session, port, excluded", [
+    pytest.param("192.0.2.20 40000 192.0.2.10 2222", None, "22,15090,2222", id="session-only-ssh-config-port"),
+    pytest.param("192.0.2.20 40000 192.0.2.10 2222", 2200, "22,15090,2222,2200", id="session-and-ansible-port"),
+    pytest.param("192.0.2.20 40000 192.0.2.10 22", 22, "22,15090", id="same-port-once"),
+    pytest.param("-", None, "22,15090", id="no-session-22"),
+    pytest.param("garbage", 2200, "22,15090,2200", id="unreadable-session-ansible-port"),
+])
+def test_guard_protects_the_session_port(session, port, excluded):
+    options = dict(VM_OPTIONS, enable_inbound_ipv6=False)
+    fake = Fake(present_args(options=options, port=port), host_output(persisted=["-"] * 5, session=session))
+    fake.run()
+    assert fake.calls[0][1]["inbound_ports_exclude"] == excluded
+    assert capture.SESSION_SCRIPT in fake.commands[0]
+
+
+def test_guard_refuses_the_session_port_and_says_where_it_comes_from():
+    fake = Fake(present_args(options={"inbound_ports_include": "8080,2222"}, port=None),
+                host_output(session="192.0.2.20 40000 192.0.2.10 2222"))
+    result = fake.run()
+    assert fake.modules() == []
+    assert result["msg"] == (
+        "capture_inbound_ports_include includes port 2222 in the inbound capture, and Ansible is connected to this "
+        "host on that port (the port of its SSH session, SSH_CONNECTION): capturing it would cut off this "
+        "connection and every later one. Remove port 2222 from capture_inbound_ports_include, or set "
+        "capture_connection_guard to false if the connection does not go through that port.")
+
+
+def test_connection_plugin_port_is_guarded_when_ansible_port_is_unset():
+    fake = Fake(present_args(options={"inbound_ports_include": "*"}, port=None), host_output(persisted=["-"] * 5))
+    fake.action._connection.get_option.return_value = 2022
+    fake.run()
+    assert fake.calls[0][1]["inbound_ports_exclude"] == ["2022"]
+
+
+@pytest.mark.parametrize("transport", ["local", "meshcapture.sidecar.netns"])
+def test_no_session_lookup_without_a_network_session(transport):
+    fake = Fake(present_args(options={"inbound_ports_include": "*"}, port=None), host_output(persisted=["-"] * 5))
+    fake.action._connection.transport = transport
+    fake.run()
+    assert capture.SESSION_SCRIPT not in fake.commands[0]
+    assert fake.calls[0][1]["inbound_ports_exclude"] == ["22"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("192.0.2.20 40000 192.0.2.10 2222", 2222),
+    ("2001:db8::20 40000 2001:db8::10 22", 22),
+    ("192.0.2.20 40000 192.0.2.10", None),
+    ("192.0.2.20 40000 192.0.2.10 ssh", None),
+    ("192.0.2.20 40000 192.0.2.10 0", None),
+    ("-", None),
+    (None, None),
+])
+def test_session_port(text, expected):
+    assert session_port(text) == expected
+
+
+# ---------------------------------------------------------------------------
+# boot_payload: what a boot restores, when the rules module returns it
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rules_result, expected", [
+    pytest.param({"restore": dict(RESTORE), "boot_payload": {"ipv4": "*nat\n# boot\nCOMMIT\n", "ipv6": ""}},
+                 ["*nat\n# boot\nCOMMIT\n", ""], id="boot-payload-wins"),
+    pytest.param({"restore": dict(RESTORE), "boot_payload": None}, [RESTORE["ipv4"], RESTORE["ipv6"]],
+                 id="null-boot-payload-restore"),
+    pytest.param({"restore": dict(RESTORE)}, [RESTORE["ipv4"], RESTORE["ipv6"]], id="restore"),
+])
+def test_persisted_payloads(rules_result, expected):
+    fake = Fake(present_args(), host_output(persisted=["-"] * 5),
+                {"meshcapture.sidecar.rules": dict(rules_result, changed=True, backend="iptables-nft")})
+    fake.run()
+    files = fake.calls[-1][1]["files"]
+    assert [f["content"] for f in files[:2]] == expected
+
+
+def test_boot_payload_nft_is_persisted_with_the_nftables_backend():
+    boot = {"ipv4": "", "ipv6": "", "nft": "table inet istio-proxy-nat {}\n# boot\n"}
+    fake = Fake(present_args(options=dict(VM_OPTIONS, backend="nftables")), host_output(persisted=["-"] * 6),
+                {"meshcapture.sidecar.rules": {"changed": True, "restore": dict(RESTORE, nft="x"),
+                                               "boot_payload": boot, "backend": "nftables"}})
+    fake.run()
+    files = fake.calls[-1][1]["files"]
+    assert [(f["name"], f["content"]) for f in files[:3]] == [("rules.v4", ""), ("rules.v6", ""),
+                                                               ("rules.nft", boot["nft"])]
+
+
+# ---------------------------------------------------------------------------
+# The Istio version: auto reads it on the host, an explicit one passes through
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source, text, expected", [
+    ("dpkg", "ii |1.26.2", "1.26"),
+    ("dpkg", "ii |1:1.28.0-1", "1.28"),
+    ("dpkg", "rc |1.26.2", None),
+    ("dpkg", "ii |", None),
+    ("rpm", "1.24.6", "1.24"),
+    ("rpm", "package istio-sidecar is not installed", None),
+    ("agent", "client version: 1.26.2", "1.26"),
+    ("agent", 'client version: version.BuildInfo{Version:"1.27.1", GitRevision:"0123abc", '
+              'GolangVersion:"go1.24.4", BuildStatus:"Clean", GitTag:"1.27.1"}', "1.27"),
+    ("agent", "client version: 1.30-dev", "1.30"),
+    ("agent", "Error: unknown command", None),
+    ("agent", None, None),
+])
+def test_istio_version_of_each_source(source, text, expected):
+    assert istio_version(source, text) == expected
+
+
+@pytest.mark.parametrize("host, expected", [
+    pytest.param({"istio_dpkg": "ii |1.26.2"}, {"version": "1.26", "source": "dpkg"}, id="dpkg"),
+    pytest.param({"istio_rpm": "1.24.6"}, {"version": "1.24", "source": "rpm"}, id="rpm"),
+    pytest.param({"istio_agent": "client version: 1.29.0"}, {"version": "1.29", "source": "agent"}, id="agent"),
+    pytest.param({"istio_dpkg": "rc |1.20.0", "istio_agent": "client version: 1.22.3"},
+                 {"version": "1.22", "source": "agent"}, id="dpkg-not-installed-agent"),
+    pytest.param({}, {"version": "1.17", "source": "fallback"}, id="nothing-found-fallback"),
+])
+def test_auto_istio_version_is_passed_to_rules(host, expected):
+    fake = Fake(present_args(istio_version="auto"), host_output(persisted=["-"] * 5, host=host))
+    result = fake.run()
+    assert "dpkg-query -W" in fake.commands[0] and "pilot-agent version" in fake.commands[0]
+    assert fake.calls[0][1]["istio_version"] == expected["version"]
+    assert result["plan"]["istio_version"] == expected
+
+
+@pytest.mark.parametrize("value, passed", [("1.28.3", "1.28.3"), ("1.20", "1.20"), (None, None)])
+def test_explicit_istio_version_passes_through(value, passed):
+    fake = Fake(present_args(istio_version=value), host_output(persisted=["-"] * 5))
+    fake.run()
+    assert fake.calls[0][1].get("istio_version") == passed
+    assert "dpkg-query" not in fake.commands[0]
+
+
+# ---------------------------------------------------------------------------
+# Dependencies: found missing by the first command, installed by the role
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("debian ", "Debian"), ("ubuntu debian", "Debian"), ("rocky rhel centos fedora", "RedHat"),
+    ("fedora ", "RedHat"), ("arch ", "arch"), (" ", None), (None, None),
+])
+def test_os_family(text, expected):
+    assert os_family(text) == expected
+
+
+def test_missing_dependencies_stop_before_any_module():
+    fake = Fake(present_args(install_dependencies=True),
+                host_output(host={"os": "debian ", "python": "/usr/bin/python3", "missing": "pyroute2 nft"}))
+    result = fake.run()
+    assert fake.modules() == []
+    assert result == {"changed": False, "plan": result["plan"], "missing_dependencies": ["pyroute2", "nft"]}
+    assert result["plan"]["dependencies"] == {"missing": ["pyroute2", "nft"], "os_family": "Debian",
+                                              "python": "/usr/bin/python3"}
+
+
+def test_missing_dependencies_after_the_guard():
+    fake = Fake(present_args(install_dependencies=True, options={"inbound_ports_include": "22"}),
+                host_output(host={"os": "debian ", "python": "-", "missing": "pyroute2"}))
+    result = fake.run()
+    assert result["failed"] is True and "includes port 22" in result["msg"]
+
+
+def test_nothing_missing_applies():
+    fake = Fake(present_args(install_dependencies=True),
+                host_output(persisted=["-"] * 5, host={"os": "debian ", "python": "/usr/bin/python3", "missing": ""}))
+    fake.action._task.args["options"] = dict(VM_OPTIONS, backend="iptables-legacy")
+    result = fake.run()
+    assert fake.modules()[0] == ("rules", "present")
+    assert "missing_dependencies" not in result
+    assert "iptables-legacy-restore" in fake.commands[0] and "iptables-nft-restore" not in fake.commands[0]
+
+
+# ---------------------------------------------------------------------------
+# systemd-networkd: the drop-in that keeps the TPROXY policy rules
+# ---------------------------------------------------------------------------
+
+NETWORKD_DIR = "/etc/systemd/networkd.conf.d"
+DROPIN = NETWORKD_DIR + "/meshcapture-capture.conf"
+TPROXY = {"tproxy": True, "mark": 1337, "table": 133, "ipv6": False}
+TPROXY_OPTIONS = dict(VM_OPTIONS, enable_inbound_ipv6=False, inbound_interception_mode="TPROXY")
+
+
+def networkd_args(**kwargs):
+    return present_args(options=dict(TPROXY_OPTIONS), networkd_conf_dir=NETWORKD_DIR, **kwargs)
+
+
+def networkd_host(networkd="enabled/active", conf_dir="1"):
+    return {"systemd": "1", "networkd": networkd, "networkd_dir": conf_dir}
+
+
+def test_networkd_dropin_is_persisted_with_tproxy_where_networkd_is_in_use():
+    fake = Fake(networkd_args(), host_output(persisted=["-"] * 6, host=networkd_host()))
+    result = fake.run()
+    persist = fake.calls[-1][1]
+    assert persist["extra_files"][-1] == {"path": DROPIN, "mode": "0644",
+                                          "content": capture.NETWORKD_DROPIN % (1337, 133)}
+    assert "ManageForeignRoutingPolicyRules=no\n" in persist["extra_files"][-1]["content"]
+    assert persist["files"][2]["content"] == routes_env("iptables-nft", TPROXY, (DROPIN, False))
+    assert "MESHCAPTURE_NETWORKD_DROPIN=%s\nMESHCAPTURE_NETWORKD_DROPIN_DIR_CREATED=false\n" % DROPIN \
+        in persist["files"][2]["content"]
+    assert not [cmd for cmd in fake.commands if cmd.startswith("mkdir")]
+    assert result["changed"] is True
+
+
+def test_networkd_dropin_directory_is_created_when_missing():
+    fake = Fake(networkd_args(), host_output(persisted=["-"] * 6, host=networkd_host(conf_dir="0")))
+    fake.run()
+    mkdir = [cmd for cmd in fake.commands if cmd.startswith("mkdir")]
+    assert mkdir == ["mkdir -p -m 0755 -- " + NETWORKD_DIR]
+    assert fake.commands.index(mkdir[0]) > 0
+    persist = fake.calls[-1][1]
+    assert persist["extra_files"][-1]["path"] == DROPIN
+    assert "MESHCAPTURE_NETWORKD_DROPIN_DIR_CREATED=true\n" in persist["files"][2]["content"]
+
+
+def test_networkd_dropin_in_check_mode_with_the_directory_missing():
+    fake = Fake(networkd_args(), host_output(persisted=["-"] * 6, host=networkd_host(conf_dir="0")),
+                check_mode=True, diff=True)
+    result = fake.run()
+    assert not [cmd for cmd in fake.commands if cmd.startswith("mkdir")]
+    assert [f["path"] for f in fake.calls[-1][1]["extra_files"]] == [UNIT]
+    assert result["changed"] is True
+    assert {"before_header": DROPIN, "after_header": DROPIN, "before": "",
+            "after": capture.NETWORKD_DROPIN % (1337, 133)} in result["diff"]
+
+
+@pytest.mark.parametrize("options, host", [
+    pytest.param(dict(VM_OPTIONS), networkd_host(), id="redirect"),
+    pytest.param(dict(TPROXY_OPTIONS), networkd_host(networkd="disabled/inactive"), id="networkd-not-in-use"),
+    pytest.param(dict(TPROXY_OPTIONS), {"systemd": "0", "networkd_dir": "1"}, id="no-systemd"),
+])
+def test_no_networkd_dropin(options, host):
+    fake = Fake(present_args(options=options, networkd_conf_dir=NETWORKD_DIR),
+                host_output(persisted=["-"] * 6, host=host))
+    fake.run()
+    assert [f["path"] for f in fake.calls[-1][1]["extra_files"]] == [UNIT]
+    assert "NETWORKD" not in fake.calls[-1][1]["files"][2]["content"]
+
+
+def test_networkd_dropin_unchanged_runs_no_persist():
+    routes = routes_env("iptables-nft", TPROXY, (DROPIN, True))
+    record = "%s %s" % (routing_key(TPROXY), ROUTING_DIGEST)
+    texts = [RESTORE["ipv4"], RESTORE["ipv6"], routes, SCRIPT, UNIT_TEXT, capture.NETWORKD_DROPIN % (1337, 133)]
+    modes = ["644", "644", "644", "755", "644", "644"]
+    prints = ["regular file|%s|root|root|%s" % (mode, sha(text)) for mode, text in zip(modes, texts)]
+    fake = Fake(networkd_args(), host_output(routes_env_text=routes, persisted=prints, record=record,
+                                             host=networkd_host()))
+    result = fake.run()
+    assert fake.modules() == [("rules", "present")]
+    assert result["changed"] is False
+
+
+@pytest.mark.parametrize("created, rmdir", [(True, True), (False, False)], ids=["dir-created", "dir-was-there"])
+def test_networkd_dropin_goes_when_tproxy_goes(created, rmdir):
+    routes = routes_env("iptables-nft", TPROXY, (DROPIN, created))
+    fake = Fake(present_args(options=dict(VM_OPTIONS, enable_inbound_ipv6=False), networkd_conf_dir=NETWORKD_DIR),
+                host_output(routes_env_text=routes, persisted=["-"] * 6, host=networkd_host()),
+                responses={"rm -f": {"rc": 0, "stdout": "present\n", "stderr": ""}})
+    result = fake.run()
+    removal = [cmd for cmd in fake.commands if "rm -f" in cmd]
+    assert len(removal) == 1 and ("rmdir -- " + NETWORKD_DIR in removal[0]) is rmdir
+    assert result["networkd_removed"] == {"changed": True, "path": DROPIN}
+
+
+def test_uninstall_removes_the_recorded_networkd_dropin():
+    routes = routes_env("iptables-nft", TPROXY, (DROPIN, True))
+    fake = Fake({"state": "absent", "options": {}, "cluster_env": None, "persist_dir": PERSIST_DIR},
+                host_output(routes_env_text=routes), responses={"rm -f": {"rc": 0, "stdout": "present\n",
+                                                                          "stderr": ""}})
+    result = fake.run()
+    assert [cmd for cmd in fake.commands if "rm -f" in cmd] == [
+        "if [ -e %s ]; then rm -f -- %s && echo present; fi; rmdir -- %s 2>/dev/null; true"
+        % (DROPIN, DROPIN, NETWORKD_DIR)]
+    assert result["networkd_removed"] == {"changed": True, "path": DROPIN}
+    assert result["changed"] is True
+
+
+def test_uninstall_in_check_mode_only_looks_at_the_dropin():
+    routes = routes_env("iptables-nft", TPROXY, (DROPIN, True))
+    fake = Fake({"state": "absent", "options": {}, "cluster_env": None, "persist_dir": PERSIST_DIR},
+                host_output(routes_env_text=routes), check_mode=True,
+                responses={"if [ -e": {"rc": 0, "stdout": "present\n", "stderr": ""}})
+    result = fake.run()
+    assert [cmd for cmd in fake.commands[1:] if DROPIN in cmd] == ["if [ -e %s ]; then echo present; fi; true"
+                                                                   % DROPIN]
+    assert result["networkd_removed"]["changed"] is True
+
+
+# ---------------------------------------------------------------------------
+# The host section of the read, run for real with /bin/sh
+# ---------------------------------------------------------------------------
+
+def test_host_script_on_this_machine(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    agent = fake_bin / "pilot-agent"
+    agent.write_text("#!/bin/sh\necho 'client version: 1.26.2'\n")
+    agent.chmod(0o755)
+    conf_dir = tmp_path / "networkd.conf.d"
+    script = host_script(networkd_dir=str(conf_dir), python="/no/such/python", python_candidates=["python3"],
+                         commands=["sh", "meshcapture-no-such-command"], istio=True)
+    env = dict(os.environ, PATH="%s:%s" % (fake_bin, os.environ["PATH"]))
+    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.splitlines()[0] == "#meshcapture-file host"
+    host = parse_host("\n".join(out.splitlines()[1:]))
+    assert host["systemd"] in ("0", "1")
+    assert host["networkd_dir"] == "0"
+    assert host["python"] == "/no/such/python"
+    assert host["missing"].split() == ["pyroute2", "meshcapture-no-such-command"]
+    if not subprocess.run(["sh", "-c", "command -v dpkg-query || command -v rpm"], capture_output=True).stdout:
+        assert host["istio_agent"] == "client version: 1.26.2"
+    conf_dir.mkdir()
+    out = subprocess.run(["/bin/sh", "-c", host_script(networkd_dir=str(conf_dir))], capture_output=True, text=True,
+                         check=True).stdout
+    assert "networkd_dir=1" in out.splitlines()
+
+
+def test_check_mode_with_missing_dependencies_shows_the_rendered_ruleset():
+    # A fresh host that lacks iptables and pyroute2: check mode installs nothing, and the modules that read the
+    # host could not run; the rules are rendered (which needs nothing on the host), persist and the unit are
+    # looked at as usual.
+    fake = Fake(unit_args(install_dependencies=True, options=dict(TPROXY_OPTIONS)),
+                host_output(persisted=["-"] * 5, systemd=True,
+                            host={"systemd": "1", "unit": "/inactive", "os": "debian ", "python": "/usr/bin/python3",
+                                  "missing": "pyroute2 iptables-nft-save"}),
+                {"meshcapture.sidecar.rules": {"changed": False, "restore": dict(RESTORE), "backend": "iptables-nft",
+                                               "commands": ["iptables -t nat -N ISTIO_INBOUND",
+                                                            "iptables -t nat -A PREROUTING -p tcp -j ISTIO_INBOUND"]},
+                 "meshcapture.sidecar.persist": {"changed": True, "written": [UNIT], "systemd_running": True}},
+                check_mode=True, diff=True)
+    result = fake.run()
+    assert fake.modules() == [("rules", "rendered"), ("persist", "present")]
+    assert not result.get("failed") and result["changed"] is True
+    assert result["missing_dependencies"] == ["pyroute2", "iptables-nft-save"]
+    assert result["diff"][0] == {
+        "before_header": "capture rules (not read: pyroute2, iptables-nft-save missing on the host)",
+        "after_header": "capture rules", "before": "",
+        "after": "iptables -t nat -N ISTIO_INBOUND\niptables -t nat -A PREROUTING -p tcp -j ISTIO_INBOUND\n"}
+    assert result["routes"]["skipped_module"] is True
+    assert result["unit"]["actions"] == ["daemon-reload", "enable", "start"]
+    assert fake.systemctl() == []
+
+
+def test_auto_istio_version_the_rules_do_not_have_fails_before_any_module():
+    fake = Fake(present_args(istio_version="auto"), host_output(persisted=["-"] * 5,
+                                                                host={"istio_agent": "client version: 1.99.0"}))
+    with pytest.raises(AnsibleActionFail, match=r"^capture_istio_version: auto found Istio 1\.99 on the host "
+                                                r"\(pilot-agent version\), whose capture rules this collection does "
+                                                r"not have \(supported: 1\.17, .*, 1\.30\); set capture_istio_version "
+                                                r"to the release whose rules to apply$"):
+        fake.run()
+    assert fake.modules() == []

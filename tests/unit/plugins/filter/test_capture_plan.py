@@ -15,8 +15,9 @@ import pytest
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.meshcapture.sidecar.plugins.filter.capture_plan import (
-    READ_SCRIPT, FilterModule, capture_plan, read_script, read_sections)
+from ansible_collections.meshcapture.sidecar.plugins.filter.capture_plan import FilterModule
+from ansible_collections.meshcapture.sidecar.plugins.plugin_utils.capture_plan import (
+    READ_SCRIPT, capture_plan, read_script, read_sections)
 
 
 # capture_cluster_env in the tests that read a cluster.env.
@@ -159,7 +160,8 @@ def test_whole_plan():
                     "redirect_dns": "true", "outbound_ip_ranges_include": "*", "enable_inbound_ipv6": True},
         "rules_args": {"inbound_ports_include": "*", "inbound_ports_exclude": ["15090", "15021", "15020", "2222"],
                        "redirect_dns": "true", "outbound_ip_ranges_include": "*", "enable_inbound_ipv6": True},
-        "guard": {"port": 2222, "refuse": False, "needed": True, "excluded": ["15090", "15021", "15020", "2222"]},
+        "guard": {"port": 2222, "ports": [2222], "refuse": False, "needed": True,
+                      "excluded": ["15090", "15021", "15020", "2222"]},
         "routes_wanted": {"tproxy": False, "mark": 1337, "table": 133, "ipv6": True},
         "routes_previous": {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False},
     }
@@ -230,6 +232,26 @@ def test_whole_plan():
     pytest.param({"inbound_ports_include": []}, None, {},
                  {"port": 22, "refuse": False, "needed": False, "excluded": ["22"]},
                  id="empty-inbound-list-neither"),
+    # Several connection ports (the SSH session's and ansible_port): every one is guarded.
+    pytest.param({"inbound_ports_include": "*"}, None, {"port": [2222, 22]},
+                 {"port": 2222, "ports": [2222, 22], "refuse": False, "needed": True, "excluded": ["2222", "22"]},
+                 id="two-ports-star-both-added"),
+    pytest.param({"inbound_ports_include": "*", "inbound_ports_exclude": "2222"}, None, {"port": [2222, 22]},
+                 {"port": 22, "ports": [2222, 22], "refuse": False, "needed": True, "excluded": ["2222", "22"]},
+                 id="two-ports-star-one-excluded-other-added"),
+    pytest.param({"inbound_ports_include": "*", "inbound_ports_exclude": "22,2222"}, None, {"port": [2222, 22]},
+                 {"port": 2222, "ports": [2222, 22], "refuse": False, "needed": False,
+                  "excluded": ["22", "2222", "2222", "22"]},
+                 id="two-ports-star-both-excluded"),
+    pytest.param({"inbound_ports_include": "8080,22"}, None, {"port": [2222, 22]},
+                 {"port": 22, "ports": [2222, 22], "refuse": True, "needed": False, "excluded": ["2222", "22"]},
+                 id="two-ports-second-named-refuse"),
+    pytest.param({"inbound_ports_include": "2222"}, None, {"port": ["2222", 2222]},
+                 {"port": 2222, "ports": [2222], "refuse": True, "needed": False, "excluded": ["2222"]},
+                 id="repeated-port-once"),
+    pytest.param({"inbound_ports_include": "*"}, None, {"port": []},
+                 {"port": 22, "ports": [22], "refuse": False, "needed": True, "excluded": ["22"]},
+                 id="no-port-known-22"),
     # Only for state=present, with the guard on.
     pytest.param({"inbound_ports_include": "*"}, None, {"state": "absent"},
                  {"port": 22, "refuse": False, "needed": False, "excluded": ["22"]},
@@ -301,7 +323,7 @@ def test_whole_plan():
 ])
 def test_guard(explicit, cluster_env, kwargs, guard):
     result = plan(explicit, cluster_env=cluster_env, **kwargs)
-    assert result["guard"] == guard
+    assert result["guard"] == dict(guard, ports=guard.get("ports", [guard["port"]]))
     assert [type(result["guard"][key]) for key in ("port", "refuse", "needed")] == [int, bool, bool]
     # The guard changes the rules arguments only when needed, and never the options.
     if guard["needed"]:
@@ -518,7 +540,7 @@ def test_missing_cluster_env_absent(read, options, previous):
     result = plan({"backend": "iptables-nft", "proxy_port": None}, read=read, cluster_env_path=CLUSTER_ENV_PATH,
                   state="absent")
     assert result["options"] == result["rules_args"] == options
-    assert result["guard"] == {"port": 22, "refuse": False, "needed": False, "excluded": ["22"]}
+    assert result["guard"] == {"port": 22, "ports": [22], "refuse": False, "needed": False, "excluded": ["22"]}
     assert result["routes_previous"] == previous
 
 
@@ -648,7 +670,7 @@ def test_nothing_read_is_both_missing(read):
     assert plan(explicit, read=read) == plan(explicit) == {
         "options": {"backend": "iptables-nft", "inbound_ports_include": "*"},
         "rules_args": {"backend": "iptables-nft", "inbound_ports_include": "*", "inbound_ports_exclude": ["22"]},
-        "guard": {"port": 22, "refuse": False, "needed": True, "excluded": ["22"]},
+        "guard": {"port": 22, "ports": [22], "refuse": False, "needed": True, "excluded": ["22"]},
         "routes_wanted": DEFAULT_ROUTES,
         "routes_previous": None,
     }
