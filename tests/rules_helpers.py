@@ -217,3 +217,161 @@ def nft_monitor(ns):
 
     return MarkedMonitor(ns, ["nft", "monitor"], marker,
                          keep=lambda line: "mcs_marker_" not in line and not _OWN_GENERATION.match(line))
+
+
+# ------------------------------------------------------- fault injection
+# Helpers of tests/integration/test_faults_*.py: the rules module started in
+# the background with a PATH whose first directory holds wrappers of the
+# restore binaries, so a test can kill the module (or the apply process, or
+# fail a restore) at a chosen moment.
+
+LOCK_DIR = "/run/meshcapture"
+
+
+def start_module(ns, tmp_path, *, path_dirs=(), **opts):
+    """Start the rules module in ``ns`` in its own session (like a play's task:
+    killable as a process group); returns a handle for finish_module()."""
+    import json as _json
+    import os as _os
+    import subprocess as _subprocess
+    import sys as _sys
+    import tempfile as _tempfile
+    from module_runner import COLLECTIONS, MODULE_PACKAGE
+
+    args = dict(opts)
+    args.setdefault("state_dir", state_dir(tmp_path))
+    fd, args_path = _tempfile.mkstemp(prefix="rules-args-", suffix=".json", dir=str(tmp_path))
+    with _os.fdopen(fd, "w") as f:
+        _json.dump({"ANSIBLE_MODULE_ARGS": args}, f)
+    env = dict(_os.environ, LC_ALL="C.UTF-8",
+               PYTHONPATH=_os.pathsep.join(filter(None, [str(COLLECTIONS), _os.environ.get("PYTHONPATH")])),
+               PATH=_os.pathsep.join([str(d) for d in path_dirs] + [_os.environ.get("PATH", "")]))
+    argv = ["ip", "netns", "exec", ns.name, _sys.executable, "-m", MODULE_PACKAGE + ".rules", args_path]
+    return _subprocess.Popen(argv, stdout=_subprocess.PIPE, stderr=_subprocess.PIPE, text=True, env=env,
+                             start_new_session=True, cwd=str(tmp_path))
+
+
+def finish_module(proc, timeout=120):
+    """The JSON result of a module started by start_module (None when it printed none)."""
+    import json as _json
+    out, err = proc.communicate(timeout=timeout)
+    try:
+        return _json.loads(out)
+    except ValueError:
+        return None
+
+
+def write_wrapper(directory, name, real, action=""):
+    """An executable ``directory/name`` that logs each call of ``real`` made by
+    an apply (argv starting with -w: not the scratch-namespace restores) to
+    ``directory/calls`` as 'NAME N ARGS...', runs the shell snippet
+    ``action`` (it sees $n, the call's number, and $PPID, the caller), then
+    runs ``real``."""
+    import os as _os
+    path = _os.path.join(str(directory), name)
+    with open(path, "w") as f:
+        f.write("""#!/bin/sh
+if [ "$1" = "-w" ]; then
+    D=%(dir)s
+    n=$(cat "$D/count.%(name)s" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$D/count.%(name)s"
+    echo "%(name)s $n $*" >> "$D/calls"
+    %(action)s
+fi
+exec %(real)s "$@"
+""" % dict(dir=str(directory), name=name, real=real, action=action))
+    _os.chmod(path, 0o755)
+    return path
+
+
+def calls(directory):
+    """The lines of the wrappers' call log."""
+    import os as _os
+    path = _os.path.join(str(directory), "calls")
+    if not _os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def lock_id(ns):
+    """capture_store.current_netns_id() as seen inside ns (names the lock file)."""
+    return ns.python("import os; st = os.stat('/proc/self/ns/net'); print('%d-%d' % (st.st_dev, st.st_ino))"
+                     ).stdout.strip()
+
+
+def wait_unlocked(ns, timeout=60.0):
+    """Wait until no apply holds ns's lock (a detached apply may outlive a killed module)."""
+    import fcntl as _fcntl
+    import os as _os
+    import time as _time
+    path = _os.path.join(LOCK_DIR, "lock-%s" % lock_id(ns))
+    if not _os.path.exists(path):
+        return
+    fd = _os.open(path, _os.O_RDONLY)
+    try:
+        deadline = _time.time() + timeout
+        while True:
+            try:
+                _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                return
+            except OSError:
+                if _time.time() > deadline:
+                    raise AssertionError("%s still locked after %s s" % (path, timeout))
+                _time.sleep(0.05)
+    finally:
+        _os.close(fd)
+
+
+def boot_payload(ns, result, *, backend="iptables-nft"):
+    """What the role persists for the boot-time restore: the module's
+    ``boot_payload`` when it returns one, else the same built from its
+    ``restore`` payloads and the ownership markers the tables hold."""
+    if result.get("boot_payload"):
+        return result["boot_payload"]
+    from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_marker import (
+        MARKER_CHAIN, with_markers)
+    from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import parse_save
+    out = {}
+    for family in FAMILIES:
+        live = parse_save(save(ns, family, backend=backend))
+        markers = {name: t.rules[MARKER_CHAIN] for name, t in live.items() if MARKER_CHAIN in t.policies}
+        out[family] = with_markers(result["restore"][family], markers)
+    return out
+
+
+# ------------------------------------------------------ ownership marker
+def _marker():
+    from ansible_collections.meshcapture.sidecar.plugins.module_utils import capture_marker
+    return capture_marker
+
+
+def without_marker(text):
+    """A save (or {family: save}) without the lines of the ownership marker chain."""
+    MARKER_CHAIN = _marker().MARKER_CHAIN
+    if isinstance(text, dict):
+        return {family: without_marker(t) for family, t in text.items()}
+    marker = re.compile(r"^(\[\d+:\d+\] )?(:%s |-A %s )" % (MARKER_CHAIN, MARKER_CHAIN))
+    lines = [line for line in text.splitlines() if not marker.match(line)]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def assert_marked(save_text, foreign=""):
+    """Every table holding capture rules holds the marker chain, naming
+    exactly the capture's rules in built-in chains (those not in foreign)."""
+    from collections import Counter
+    from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import parse_save
+    MARKER_CHAIN, rule_hash = _marker().MARKER_CHAIN, _marker().rule_hash
+    live, others = parse_save(save_text), parse_save(foreign)
+    for name, table in live.items():
+        theirs = Counter((c, spec) for c, specs in (others[name].rules.items() if name in others else [])
+                         for spec in specs)
+        ours = Counter((c, spec) for c, specs in table.rules.items() if c in BUILTINS for spec in specs) - theirs
+        if not (ours or any(c.startswith("ISTIO_") for c in table.policies)):
+            assert MARKER_CHAIN not in table.policies, "marker in %s without a capture" % name
+            continue
+        assert MARKER_CHAIN in table.policies, "no marker in %s" % name
+        named = Counter(re.findall(r"meshcapture rule (\S+) ([0-9a-f]{16})", " ".join(table.rules[MARKER_CHAIN])))
+        assert named == Counter({(c, rule_hash(c, spec)): n for (c, spec), n in ours.items()}), name
+
+
+BUILTINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")

@@ -6,9 +6,11 @@
 One iptables-save per family reads the live state; the wanted ruleset is
 brought into iptables-save's canonical form once (restored into a scratch
 network namespace and saved back, cached by payload); capture-owned rules
-are compared exactly; a difference is applied with one atomic
-`iptables-restore --noflush` per family.  Other software's rules are never
-named in a payload, so they stay as they are.
+are compared exactly; a difference is applied with one
+`iptables-restore --noflush` per family, each table of it one commit that
+carries the table's ownership marker (capture_marker).  Other software's
+rules are never named in a payload, so they stay as they are.  A failed
+restore is undone with the --noflush inverse of what had changed.
 
 Pure Python, no Ansible imports: commands go through an injected runner.
 """
@@ -20,33 +22,40 @@ __metaclass__ = type
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_compare import FamilyPlan, plan_family
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_compare import plan_family
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import (
     ApplyError,
     CaptureError,
     run_checked,
+)
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_marker import (
+    MARKER_CHAIN,
+    Marker,
+    read_marker,
+    recorded_rules,
+    with_markers,
+)
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_payload import PayloadFile as _PayloadFile
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_owner import (
+    Signature,
+    is_capture_chain,
+    owned_builtin,
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules import (
     BUILTIN_CHAINS,
     FAMILIES,
     IPV4,
     IPV6,
-    Ruleset,
     render_restore,
 )
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import (
-    added_by_restore,
-    format_owned,
-    parse_save,
-    select_tables,
-)
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import parse_save
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import (
-    STATE_VERSION,
-    mtime,
     current_netns_id,
-    write_atomic,
+    keep_cache,
+    mtime,
 )
 
 BACKENDS = ("iptables-nft", "iptables-legacy")
@@ -88,15 +97,132 @@ def choose_backend(requested, legacy_loaded, legacy_rule_count):
     return "iptables-nft"
 
 
+# "# Table `nat' is incompatible, use 'nft' tool." / "... contains incompatible base-chains ..."
+_INCOMPATIBLE = re.compile(r"^# Table `(\S+)' (?:is incompatible|contains incompatible)")
+_COUNTED = re.compile(r"^(\[\d+:\d+\]) -A (\S+) ?(.*)$")
+# $0: nft; arguments: families.  Per family, a line "@@ FAMILY", then its
+# chains (base chain hooks and policies: names only, no rules), sets and maps.
+_NFT_VIEW = ('for f; do echo "@@ $f"; "$0" -j list chains "$f" || exit 1; echo; "$0" -j list sets "$f" 2>/dev/null; '
+             'echo; "$0" -j list maps "$f" 2>/dev/null; echo; done; exit 0')
+
+
+def incompatible_tables(save_text):
+    """Tables iptables-nft-save says it cannot show in full."""
+    return set(m.group(1) for m in map(_INCOMPATIBLE.match, save_text.splitlines()) if m)
+
+
+def parse_nft_view(out, family):
+    """({table: set of base chains}, {table: [what iptables cannot show]}) of _NFT_VIEW's output."""
+    chains, unfamiliar = {}, {}
+    for part in out.split("\n"):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            objects = json.loads(part)["nftables"]
+        except (ValueError, KeyError, TypeError):
+            raise CaptureError("cannot parse the output of nft -j list chains/sets %s: %r" % (family, part[:200]))
+        for obj in objects:
+            (kind, body), = obj.items()
+            if kind == "metainfo" or not isinstance(body, dict):
+                continue
+            table = body.get("table")
+            if kind == "chain":
+                chains.setdefault(table, set())
+                if "hook" not in body:
+                    continue
+                name = body.get("name")
+                if name in BUILTIN_CHAINS and str(body.get("hook")) == name.lower():
+                    chains[table].add(name)
+                else:
+                    unfamiliar.setdefault(table, []).append("base chain %s" % name)
+            elif kind in ("set", "map"):
+                unfamiliar.setdefault(table, []).append("%s %s" % (kind, body.get("name")))
+    return chains, unfamiliar
+
+
+def _counted(snapshot):
+    """{(table, chain): [(counters, spec)]} of an iptables-save -c dump."""
+    out, table = {}, None
+    for line in snapshot.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+            continue
+        m = _COUNTED.match(line)
+        if m:
+            out.setdefault((table, m.group(2)), []).append((m.group(1), m.group(3)))
+    return out
+
+
+def _owned_view(tables):
+    """{table: ({chain: [(index, spec)]} of owned built-in rules, {chain: [spec]} of capture and marker chains)}."""
+    signature = Signature(tables)
+    marked = any(read_marker(t) is not None for t in tables.values())
+    trust = signature.present and not marked
+    out = {}
+    for name, table in tables.items():
+        marker = read_marker(table)
+        recorded = recorded_rules(table, marker[0]) if marker else {}
+        builtin = {}
+        for chain in table.policies:
+            if chain in BUILTIN_CHAINS:
+                owned = owned_builtin(name, chain, table.rules.get(chain, []), signature, recorded.get(chain, []), trust)
+                if owned:
+                    builtin[chain] = owned
+        chains = OrderedDict((c, list(table.rules.get(c, []))) for c in table.user_chains()
+                             if is_capture_chain(c) or c == MARKER_CHAIN)
+        out[name] = (builtin, chains)
+    return out
+
+
+def inverse_payload(snapshot, live_text, tables):
+    """The --noflush --counters payload that puts the capture's part of the
+    given tables back as the snapshot (iptables-save -c) shows it.
+
+    Only the capture's rules and chains are named: its rules in built-in
+    chains are deleted and inserted again at their old positions, its
+    chains (and the marker chain) declared and refilled, chains it did not
+    have dropped.  Other software's rules and chains are not touched.
+    """
+    before, live = parse_save(snapshot), parse_save(live_text)
+    old_view, new_view = _owned_view(before), _owned_view(live)
+    counters = _counted(snapshot)
+    blocks = []
+    for table in tables:
+        old_builtin, old_chains = old_view.get(table, ({}, OrderedDict()))
+        new_builtin, new_chains = new_view.get(table, ({}, OrderedDict()))
+        if old_builtin == new_builtin and old_chains == new_chains:
+            continue
+        lines = ["*%s" % table]
+        lines.extend(":%s - [0:0]" % c for c in list(old_chains) + [c for c in new_chains if c not in old_chains])
+        for chain, owned in sorted(new_builtin.items()):
+            lines.extend("-D %s %d" % (chain, index) for index, dummy in reversed(owned))
+        lines.extend("-X %s" % c for c in new_chains if c not in old_chains)
+        for chain, owned in sorted(old_builtin.items()):
+            counted = counters.get((table, chain), [])
+            for index, spec in owned:
+                count = counted[index - 1][0] if index <= len(counted) and counted[index - 1][1] == spec else "[0:0]"
+                lines.append("%s -I %s %d %s" % (count, chain, index, spec))
+        for chain, specs in old_chains.items():
+            counted = counters.get((table, chain), [])
+            for k, spec in enumerate(specs):
+                count = counted[k][0] if k < len(counted) and counted[k][1] == spec else "[0:0]"
+                lines.append("%s -A %s %s" % (count, chain, spec))
+        lines.append("COMMIT")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks) + "\n" if blocks else ""
+
+
 # ------------------------------------------------------------------ engine
 class Engine(object):
     """Reads, plans and applies capture rulesets on one host.
 
-    runner(argv, data=None) -> (rc, stdout, stderr) runs a command (data
-    goes to stdin).  paths maps executable names to absolute paths: the
-    backend's save/restore binaries, 'unshare', and optionally 'nft'.
-    state_dir holds the per-namespace state record and the canonical-form
-    cache; in check_mode nothing is written there.
+    runner(argv, data=None) -> (rc, stdout, stderr) runs a command.  paths
+    maps executable names to absolute paths: the backend's save/restore
+    binaries, 'unshare', and optionally 'nft'.  state_dir holds the
+    canonical-form cache; in check_mode nothing is written there.
+    Ownership lives in the tables themselves (capture_marker), not in
+    state_dir.
     """
 
     def __init__(self, runner, backend, paths, state_dir, families=FAMILIES, netns_id=None, check_mode=False):
@@ -121,10 +247,69 @@ class Engine(object):
         return run_checked(self.run, argv, "%s: %s" % (family, self.names[family][0]))
 
     def restore(self, family, payload, noflush=True, counters=False):
-        argv = [self._bin(family, "restore"), "-w", "5"]
-        argv += ["--noflush"] if noflush else []
-        argv += ["--counters"] if counters else []
-        return run_checked(self.run, argv, "%s: %s" % (family, self.names[family][1]), data=payload)
+        """Restore payload (read from a file: a restore that stops reading early cannot break a pipe)."""
+        options = ["-w", "5"] + (["--noflush"] if noflush else []) + (["--counters"] if counters else [])
+        with _PayloadFile(payload) as path:
+            argv = [self._bin(family, "restore")] + options + [path]
+            rc, out, err = self.run(argv)
+        if rc != 0:
+            raise ApplyError("%s: %s failed (rc %s): %s" % (family, " ".join([self.names[family][1]] + options), rc,
+                                                            (err or out).strip()), cmd=argv, rc=rc, stderr=err)
+        return out
+
+    def _nft(self, family, commands, what):
+        with _PayloadFile(commands) as path:
+            argv = [self.paths["nft"], "-f", path]
+            rc, out, err = self.run(argv)
+        if rc != 0:
+            raise ApplyError("%s: nft -f (%s) failed (rc %s): %s" % (family, what, rc, (err or out).strip()),
+                             cmd=argv, rc=rc, stderr=err)
+
+    def nft_view(self, family):
+        """({table: base chains}, {table: [unfamiliar objects]}) of the
+        family's nf_tables tables; (None, {}) for the legacy backend or without nft."""
+        return self.nft_views([family]).get(family, (None, {}))
+
+    def nft_views(self, families):
+        """{family: nft_view(family)}, read with one command."""
+        nft = self.paths.get("nft")
+        if self.backend != "iptables-nft" or not nft or not families:
+            return {}
+        argv = ["/bin/sh", "-c", _NFT_VIEW, nft] + [_NFT_FAMILY[f] for f in families]
+        rc, out, dummy = self.run(argv)
+        if rc != 0:
+            return {}
+        parts, current = {}, None
+        for line in out.splitlines():
+            if line.startswith("@@ "):
+                current = line[3:]
+                parts[current] = []
+            elif current is not None:
+                parts[current].append(line)
+        return dict((f, parse_nft_view("\n".join(parts.get(_NFT_FAMILY[f], [])), f)) for f in families)
+
+    # -- the state record of earlier releases --------------------------------
+    def _legacy_path(self):
+        return os.path.join(self.state_dir, "netns-%s.json" % self.netns_id)
+
+    def legacy_record(self):
+        """{family: record} of the state record an earlier release of the
+        module kept (until the tables carry markers), or None."""
+        try:
+            with open(self._legacy_path()) as f:
+                record = json.load(f)
+        except (IOError, OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("version") != 1 or record.get("backend") != self.backend:
+            return None
+        families = record.get("families")
+        return families if isinstance(families, dict) else None
+
+    def _remove_legacy_record(self):
+        try:
+            os.unlink(self._legacy_path())
+        except OSError:
+            pass
 
     # -- canonical form ----------------------------------------------------
     def _canonical_cache(self, family, payload):
@@ -153,218 +338,208 @@ class Engine(object):
 
     def _scratch(self, family, payload, cache):
         """Canonicalise in a scratch network namespace; kept in cache (not in check mode)."""
-        script = '"$0" --noflush && "$1"'
-        argv = [self.paths["unshare"], "--net", "--", "/bin/sh", "-c", script,
-                self._bin(family, "restore"), self._bin(family, "save")]
-        rc, out, err = self.run(argv, data=payload)
+        script = '"$0" --noflush "$2" && "$1"'
+        with _PayloadFile(payload) as path:
+            argv = [self.paths["unshare"], "--net", "--", "/bin/sh", "-c", script,
+                    self._bin(family, "restore"), self._bin(family, "save"), path]
+            rc, out, err = self.run(argv)
         if rc != 0:
             raise ApplyError("%s: the kernel rejects the capture ruleset: %s" % (family, (err or out).strip()),
                              cmd=argv, rc=rc, stderr=err)
         if not self.check_mode:
-            write_atomic(cache, out)
+            warning = keep_cache(cache, out)
+            if warning:
+                self.warnings.append(warning)
         return parse_save(out)
 
-    # -- state record ------------------------------------------------------
-    def _record_path(self):
-        return os.path.join(self.state_dir, "netns-%s.json" % self.netns_id)
-
-    def load_record(self):
-        try:
-            with open(self._record_path()) as f:
-                record = json.load(f)
-        except (IOError, OSError, ValueError):
-            return {}
-        return record if record.get("version") == STATE_VERSION else {}
-
     # -- plan / apply ------------------------------------------------------
-    def plan(self, ruleset, payloads=None, defer=False):
+    def plan(self, ruleset, payloads=None):
         """Plan convergence to ruleset (Ruleset() for absent).
 
         payloads: {family: render_restore(ruleset, family)} when the caller
         has them already (then ruleset is only read for the families that
-        need a change, so it may be computed lazily).
-        defer: for a family with nothing of a capture in its tables and no
-        cached canonical form, plan the plain payload and learn the
-        canonical form from what the restore adds (apply() does), instead of
-        a restore + save in a scratch namespace first.  Only for runs that
-        apply: the plan then has no before/after views until apply().
+        need a change, so it may be computed lazily).  A table iptables
+        cannot show in full (iptables-nft-save calls it incompatible, or it
+        holds nft-only base chains, sets or maps) is never written to: a
+        plan that would change it raises CaptureError.
         Returns (plans {family: FamilyPlan}, lives {family: save text}).
         """
-        record = self.load_record()
         plans, lives = OrderedDict(), {}
+        legacy = self.legacy_record()
+        views = self.nft_views(self.families)
         for family in self.families:
             lives[family] = self.save(family)
             live = parse_save(lives[family])
+            nft_chains, unfamiliar = views.get(family, (None, {}))
+            for table in incompatible_tables(lives[family]):
+                unfamiliar.setdefault(table, []).insert(0, "what iptables-nft-save calls incompatible")
             payload = payloads[family] if payloads is not None else render_restore(ruleset, family)
-            family_record = record.get("families", {}).get(family)
-            recorded = None if family_record is None else family_record.get("builtin", {})
-            cache = self._canonical_cache(family, payload) if payload else None
-            wanted = self._cached(cache) if cache else {}
-            if wanted is None and defer and not plan_family(family, live, {}, Ruleset(), recorded).before:
-                plan = plans[family] = FamilyPlan(family)
-                plan.payload = payload
-                plan.tables = [line[1:] for line in payload.splitlines() if line.startswith("*")]
-                plan.pending = (live, ruleset, recorded, cache)
-                continue
-            if wanted is None:
-                wanted = self._scratch(family, payload, cache)
-            plans[family] = plan_family(family, live, wanted, ruleset, recorded)
+            plan = plan_family(family, live, self.canonical(family, payload), ruleset, nft_chains,
+                               legacy=legacy.get(family) if legacy is not None else None)
+            plan.nft_chains = nft_chains
+            for table in list(plan.tables) + plan.cleanup:
+                if table in unfamiliar:
+                    raise CaptureError(
+                        "%s: the %s table holds %s (nft list table %s %s): the capture does not write into a table "
+                        "iptables cannot show in full; nothing was changed. Move that software's rules to a table of "
+                        "its own name, or use backend=nftables"
+                        % (family, table, ", ".join(unfamiliar[table]), _NFT_FAMILY[family], table))
+            plans[family] = plan
         return plans, lives
 
-    def _finish(self, plan):
-        """Fill in a deferred plan once its payload is restored: the rules
-        the restore added are the canonical form, kept in the cache when
-        they are exactly as many rules and chains as the payload has (else,
-        say when something else changed the tables meanwhile, the canonical
-        form is computed in a scratch namespace as usual)."""
-        live, ruleset, recorded, cache = plan.pending
-        wanted = added_by_restore(live, parse_save(self.save(plan.family)))
-        lines = plan.payload.splitlines()
-        if sum(1 for line in lines if line.startswith(("-A ", "-I "))) == \
-                sum(len(specs) for t in wanted.values() for specs in t.rules.values()) \
-                and sum(1 for line in lines if line.startswith(":")) == \
-                sum(len(t.user_chains()) for t in wanted.values()):
-            write_atomic(cache, format_owned(dict((name, t.rules) for name, t in wanted.items())))
-        else:
-            wanted = self._scratch(plan.family, plan.payload, cache)
-        done = plan_family(plan.family, live, wanted, ruleset, recorded)
-        for name in ("before", "after", "added", "removed", "builtin_after"):
-            setattr(plan, name, getattr(done, name))
-        plan.pending = None
-
-    def apply(self, plans, lives):
+    def apply(self, plans, lives):  # pylint: disable=unused-argument
         """Apply the planned payloads, IPv4 first.
 
-        iptables-restore commits table by table, so when a restore fails,
-        every table changed so far (of this family and of those applied
-        before it) is put back from a snapshot taken just before, counters
-        included.  Afterwards, tables the capture created and no longer
-        uses are removed (nft backend), and the state record is updated (or
-        removed when nothing is left).  Returns the changed families.
+        A restore commits table by table; when one fails, every table
+        changed so far (of this family and of those applied before it) is
+        put back with the --noflush inverse of what changed (capture rules
+        only, counters included), and base chains or tables the failed run
+        created are removed.  Afterwards the tables and base chains the
+        capture created and no longer uses are removed (iptables-nft).
+        Returns the changed families.
         """
-        record = self.load_record() or {"version": STATE_VERSION, "backend": self.backend, "families": {}}
-        done = []  # (family, snapshot, tables)
+        done = []  # (family, snapshot, plan)
         for family, plan in plans.items():
-            rec = record["families"].setdefault(family, {"builtin": {}, "created_tables": []})
-            existing = parse_save(lives[family])
-            if plan.changed:
-                step = (family, self.save(family, counters=True), plan.tables)
-                # iptables-nft creates a base chain the first time a rule goes
-                # into it: note the ones this restore creates in tables that
-                # existed before (a table it creates is removed as a whole).
-                touched = [t for t in plan.tables if t in existing]
-                chains_before = self._base_chains(family) if touched else None
+            if not plan.payload:
+                continue
+            step = (family, self.save(family, counters=True), plan)
+            try:
+                self.restore(family, plan.payload)
+            except ApplyError as err:
                 try:
-                    self.restore(family, plan.payload)
-                    if plan.pending is not None:
-                        self._finish(plan)
-                except ApplyError as err:
-                    self._rollback(done + [step])
-                    err.msg += "; rolled back: %s" % ", ".join(f for f, dummy, dummy2 in done + [step])
-                    raise
-                done.append(step)
-                if chains_before is not None:
-                    chains_after = self._base_chains(family)
-                    created = rec.setdefault("created_chains", {})
-                    for table in touched:
-                        new = chains_after.get(table, set()) - chains_before.get(table, set())
-                        if new:
-                            created[table] = sorted(set(created.get(table, [])) | new)
-            rec["created_tables"] += [t for t in plan.after if t not in existing and t not in rec["created_tables"]]
-            rec["builtin"] = dict((t, c) for t, c in plan.builtin_after.items() if c)
+                    back = self._rollback(done + [step])
+                except CaptureError as failed:
+                    err.msg += ("; the rollback failed too, the tables may hold part of the new capture (the next "
+                                "run converges them): %s" % failed)
+                    raise err
+                err.msg += "; rolled back: %s" % ", ".join(back)
+                raise
+            done.append(step)
         for family, plan in plans.items():
-            rec = record["families"][family]
-            unused = [t for t in rec["created_tables"] if t not in plan.after]
-            self._drop_created_tables(family, unused)
-            rec["created_tables"] = [t for t in rec["created_tables"] if t in plan.after]
-            self._drop_created_chains(family, plan, rec)
-        if any(rec["builtin"] or rec["created_tables"] or rec.get("created_chains")
-               for rec in record["families"].values()):
-            write_atomic(self._record_path(), json.dumps(record, indent=1, sort_keys=True))
-        else:
-            self._remove_record()
+            self._cleanup(family, plan)
+        self._remove_legacy_record()
         return [family for family, dummy, dummy2 in done]
 
     def _rollback(self, steps):
-        """Put the given tables back as their snapshots show them.
+        """Put the given families' tables back as their snapshots show them; returns the families."""
+        back = []
+        for family, snapshot, plan in reversed(steps):
+            payload = inverse_payload(snapshot, self.save(family, counters=True), plan.tables)
+            if payload:
+                self.restore(family, payload, counters=True)
+            self._drop_new_nft(family, plan)
+            back.append(family)
+        return back
 
-        A flushing restore of a table from its iptables-save restores it
-        byte for byte (with --counters, counters too); a table that did not
-        exist before is emptied and, when the capture created it, deleted.
-        """
-        for family, snapshot, tables in reversed(steps):
-            present = parse_save(snapshot)
-            payload = select_tables(snapshot, [t for t in tables if t in present])
-            payload += "".join("*%s\nCOMMIT\n" % t for t in tables if t not in present)
-            self.restore(family, payload, noflush=False, counters=True)
-            self._drop_created_tables(family, [t for t in tables if t not in present])
-
-    def _drop_created_tables(self, family, tables):
-        """Remove now-empty tables that the capture created (nft backend only)."""
-        if self.backend != "iptables-nft" or not tables:
+    def _drop_new_nft(self, family, plan):
+        """Delete the empty tables and base chains (of the plan's tables) that
+        a failed restore created (iptables-nft)."""
+        if plan.nft_chains is None:
             return
+        now, unfamiliar = self.nft_view(family)
+        if not now:
+            return
+        live = parse_save(self.save(family))
+        fam, commands = _NFT_FAMILY[family], []
+        for table in plan.tables:
+            t = live.get(table)
+            if table not in now or t is None or table in unfamiliar:
+                continue
+            if table not in plan.nft_chains:
+                if _empty_table(t):
+                    commands.append("delete table %s %s" % (fam, table))
+                continue
+            for chain in sorted(now[table] - plan.nft_chains[table]):
+                if not t.rules.get(chain) and t.policies.get(chain, "ACCEPT") == "ACCEPT":
+                    commands.append("delete chain %s %s %s" % (fam, table, chain))
+        if commands:
+            self._nft(family, "\n".join(commands) + "\n", "removing what the failed restore created")
+
+    def _cleanup(self, family, plan):
+        """Remove what the capture created and no longer uses, one nft
+        transaction per table (iptables-nft).  A table the capture left: the
+        whole table when only its marker and empty ACCEPT base chains are
+        left, else the empty created base chains and the marker chain.  A
+        table still in use: the unused created base chains (when empty) and
+        the marker rules naming them."""
         nft = self.paths.get("nft")
+        if self.backend != "iptables-nft" or not plan.cleanup:
+            return
         if not nft:
-            self.warnings.append("nft not found: empty %s tables %s are left in place" % (family, ", ".join(tables)))
+            self.warnings.append("nft not found: empty %s tables or chains the capture created are left in place "
+                                 "(%s)" % (family, ", ".join(plan.cleanup)))
             return
         live = parse_save(self.save(family))
-        for table in tables:
+        chains_now, unfamiliar = self.nft_view(family)
+        chains_now = chains_now or {}
+        fam = _NFT_FAMILY[family]
+        for table in plan.cleanup:
             t = live.get(table)
-            if t is None or any(t.rules.values()) or t.user_chains():
+            marker = read_marker(t)
+            if marker is None:
                 continue
-            if any(p not in ("ACCEPT", "-") for p in t.policies.values()):
-                continue
-            run_checked(self.run, [nft, "delete", "table", _NFT_FAMILY[family], table],
-                        "%s: nft delete table" % family)
+            dummy, created_table, created_chains = marker
 
-    def _base_chains(self, family):
-        """{table: set of built-in chain names} that exist in nftables for the
-        family (`nft list chains`, no rules listed); None when that cannot be
-        told (legacy backend, or no nft)."""
-        nft = self.paths.get("nft")
-        if self.backend != "iptables-nft" or not nft:
-            return None
-        rc, out, dummy = self.run([nft, "list", "chains", _NFT_FAMILY[family]])
-        if rc != 0:
-            return None
-        chains, table = {}, None
-        for line in out.splitlines():
-            words = line.split()
-            if words[:1] == ["table"] and len(words) >= 3:
-                table = words[2]
-                chains.setdefault(table, set())
-            elif words[:1] == ["chain"] and len(words) >= 2 and table is not None and words[1] in BUILTIN_CHAINS:
-                chains[table].add(words[1])
-        return chains
+            def empty_base(chain):
+                return (chain in chains_now.get(table, ()) and not t.rules.get(chain)
+                        and t.policies.get(chain, "ACCEPT") == "ACCEPT")
 
-    def _drop_created_chains(self, family, plan, rec):
-        """Delete the empty base chains the capture created in tables that
-        existed before, once it has no rules in them any more (nft backend).
-        A chain that other software has put rules in, or given another policy,
-        is left alone."""
-        created = dict((t, c) for t, c in (rec.get("created_chains") or {}).items() if c)
-        rec["created_chains"] = created
-        unused = [(t, c) for t, chains in sorted(created.items()) for c in chains if not plan.after.get(t, {}).get(c)]
-        nft = self.paths.get("nft")
-        if not unused or not nft:
-            return
-        live = parse_save(self.save(family))
-        for table, chain in unused:
-            t = live.get(table)
-            if t is not None and (t.rules.get(chain) or t.policies.get(chain, "ACCEPT") != "ACCEPT"):
-                continue  # in use by someone else: keep it, and keep it recorded
-            if t is not None:
-                argv = [nft, "delete", "chain", _NFT_FAMILY[family], table, chain]
-                rc, out, err = self.run(argv)
-                if rc != 0:
-                    self.warnings.append("%s: could not delete the empty %s chain %s the capture created: %s"
-                                         % (family, table, chain, (err or out).strip()))
-                    continue
-            created[table] = [c for c in created[table] if c != chain]
-        rec["created_chains"] = dict((t, c) for t, c in created.items() if c)
+            used = plan.after.get(table)
+            if not used:
+                if created_table and _empty_table(t, but=MARKER_CHAIN) and table not in unfamiliar:
+                    commands = ["delete table %s %s" % (fam, table)]
+                else:
+                    commands = ["delete chain %s %s %s" % (fam, table, c) for c in sorted(created_chains)
+                                if empty_base(c)]
+                    commands += ["flush chain %s %s %s" % (fam, table, MARKER_CHAIN),
+                                 "delete chain %s %s %s" % (fam, table, MARKER_CHAIN)]
+            else:
+                unused = sorted(c for c in created_chains if c not in used)
+                handles = self._rule_handles(family, table, MARKER_CHAIN)
+                specs = t.rules.get(MARKER_CHAIN, [])
+                if len(handles) != len(specs):
+                    continue  # changed meanwhile: the next run cleans up
+                commands = []
+                for chain in unused:
+                    if empty_base(chain):
+                        commands.append("delete chain %s %s %s" % (fam, table, chain))
+                    entry = '-m comment --comment "meshcapture created-chain %s"' % chain
+                    commands.extend("delete rule %s %s %s handle %d" % (fam, table, MARKER_CHAIN, handles[k])
+                                    for k, spec in enumerate(specs) if spec == entry)
+            if commands:
+                self._nft(family, "\n".join(commands) + "\n", "removing what the capture created in %s" % table)
 
-    def _remove_record(self):
+    def _rule_handles(self, family, table, chain):
+        """The handles of a chain's rules, in order (`nft -j -a list chain`)."""
+        argv = [self.paths["nft"], "-j", "-a", "list", "chain", _NFT_FAMILY[family], table, chain]
+        out = run_checked(self.run, argv, "%s: nft list chain %s %s" % (family, table, chain))
         try:
-            os.unlink(self._record_path())
-        except OSError:
-            pass
+            objects = json.loads(out)["nftables"]
+        except (ValueError, KeyError, TypeError):
+            raise CaptureError("cannot parse the output of nft -j -a list chain: %r" % out[:200])
+        return [o["rule"]["handle"] for o in objects if isinstance(o, dict) and "rule" in o]
+
+    def boot_payloads(self, plans, payloads):
+        """{family: the restore payload with the tables' ownership markers}:
+        what the boot-time restore should apply."""
+        out = {}
+        for family in FAMILIES:
+            plan = plans.get(family)
+            payload = payloads.get(family) or ""
+            markers = {}
+            for table, marker in (plan.markers.items() if plan else ()):
+                used = set(plan.after.get(table, {}))
+                if used:  # the base chains it created and still uses
+                    markers[table] = Marker(marker.rules, marker.created_table, marker.created_chains & used).specs()
+            out[family] = with_markers(payload, markers)
+        return out
+
+
+def _empty_table(table, but=None):
+    """True when an iptables table holds no rule and no chain (but `but`), every policy ACCEPT."""
+    for chain, policy in table.policies.items():
+        if chain == but:
+            continue
+        if chain not in BUILTIN_CHAINS or table.rules.get(chain) or policy not in ("ACCEPT", "-"):
+            return False
+    return True

@@ -12,6 +12,13 @@ migrate is on: then the new capture is applied first (one transaction) and
 the old one removed right after (the iptables Engine with an empty
 Ruleset, or one `nft -f` deleting the tables).
 
+Runs against one host are serialised: converge() holds the namespace's
+lock (capture_lock) from the first read to the last write.  The writes run
+in a detached process (capture_detach), so killing the module does not
+cut an apply short; an apply that was cut short anyway (that process
+killed, the machine down) is reported by the next run, which converges
+from what the tables hold (ownership is marked in the tables themselves).
+
 Pure Python, no Ansible imports: the host (commands, binaries, files) is
 an injected object.
 """
@@ -21,6 +28,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import os
+import time
 
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import (
     Engine,
@@ -29,6 +37,13 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply 
     legacy_tables_loaded,
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import ApplyError, CaptureError
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_detach import (
+    journal_path,
+    read_journal,
+    remove_journal,
+    run_detached,
+)
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_lock import LOCK_DIR, LOCK_TIMEOUT, HostLock
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import NFT_FAMILY, NFT_TABLES
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft_apply import (
     NftEngine,
@@ -37,6 +52,7 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft_ap
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules import FAMILIES, IPV4, IPV6, Ruleset
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import count_rules, format_owned
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import current_netns_id
 
 NFTABLES = "nftables"
 INSTALL_HINTS = {
@@ -118,6 +134,7 @@ class _Steps(object):
     def __init__(self):
         self.steps = []  # (apply callable, changed, report callable)
         self.engines = []
+        self.boot = {}  # family -> payload for the boot-time restore
 
     def add(self, engine, apply, changed, report):
         self.engines.append(engine)
@@ -128,17 +145,21 @@ class _Steps(object):
         return any(changed for dummy, changed, dummy2 in self.steps)
 
     def run(self):
+        """Run the changed steps (in the detached apply process); returns
+        the engines' warnings (an error carries them as err.warnings)."""
         done = 0
         for apply, changed, dummy in self.steps:
             if not changed:
                 continue
             try:
                 apply()
-            except ApplyError as err:
-                if done:
+            except CaptureError as err:
+                if done and isinstance(err, ApplyError):
                     err.msg += " (migration: the new capture is in place, the old one was not removed)"
+                err.warnings = [engine.warnings for engine in self.engines]
                 raise
             done += 1
+        return [engine.warnings for engine in self.engines]
 
     def report(self):
         added, removed, diffs = [], [], []
@@ -152,7 +173,7 @@ class _Steps(object):
 
 def _iptables_step(host, backend, wanted, payloads, rendered, job, steps):
     engine = _iptables_engine(host, backend, rendered, job)
-    plans, lives = engine.plan(wanted, payloads, defer=not job["check_mode"])
+    plans, lives = engine.plan(wanted, payloads)
     changed = any(plan.changed for plan in plans.values())
 
     def report():
@@ -161,6 +182,7 @@ def _iptables_step(host, backend, wanted, payloads, rendered, job, steps):
                 _iptables_diff(plans, backend))
 
     steps.add(engine, lambda: engine.apply(plans, lives), changed, report)
+    return engine.boot_payloads(plans, payloads)
 
 
 def _nft_step(host, engine, wanted, live, steps):
@@ -183,9 +205,32 @@ def converge(host, requested, state, rendered, ruleset, job):
     rendered: the module's rendering (restore payloads; 'nft_tables' with
     the nftables backend); ruleset: the Ruleset (may be lazy); job: dict with
     state_dir, check_mode, migrate, warnings (a list warnings are appended
-    to) and backend (set here first, so errors can report it).
-    Returns dict(changed, added, removed, diff, migrated_from).
+    to) and backend (set here first, so errors can report it); optionally
+    lock_dir and lock_timeout (capture_lock's defaults otherwise).
+    The whole run holds the namespace's lock (in check mode only when the
+    lock directory exists: check mode creates nothing).
+    Returns dict(changed, added, removed, diff, migrated_from, boot_payload):
+    boot_payload, with state=present, is what the boot-time restore should
+    apply ({'ipv4': ..., 'ipv6': ...}: the restore payloads with the tables'
+    ownership markers; with the nftables backend the restore payloads as
+    they are).
     """
+    lock = HostLock(current_netns_id(), directory=job.get("lock_dir", LOCK_DIR),
+                    timeout=job.get("lock_timeout", LOCK_TIMEOUT), create=not job["check_mode"])
+    lock.acquire()
+    try:
+        return _converge_locked(host, requested, state, rendered, ruleset, job)
+    finally:
+        lock.release()
+
+
+def _converge_locked(host, requested, state, rendered, ruleset, job):
+    journal = journal_path(job["state_dir"], current_netns_id())
+    interrupted = read_journal(journal)
+    if interrupted is not None:
+        job["warnings"].append("the previous apply in this network namespace (backend %s, started %s) did not "
+                               "finish (its process was killed or the machine went down): this run converges from "
+                               "what the tables hold" % (interrupted.get("backend"), interrupted.get("when")))
     steps = _Steps()
     if requested == NFTABLES:
         job["backend"] = NFTABLES
@@ -196,12 +241,28 @@ def converge(host, requested, state, rendered, ruleset, job):
     changed = steps.changed
     try:
         if changed and not job["check_mode"]:
-            steps.run()
+            intent = dict(backend=job["backend"], state=state, when=_now())
+            warnings = []
+            try:
+                warnings = run_detached(steps.run, journal=journal, intent=intent)
+            except CaptureError as err:
+                warnings = getattr(err, "warnings", None) or []
+                raise
+            finally:
+                for engine, engine_warnings in zip(steps.engines, warnings):
+                    engine.warnings[:] = engine_warnings
     finally:
         for engine in steps.engines:
             job["warnings"].extend(engine.warnings)
+    if interrupted is not None and not job["check_mode"]:
+        remove_journal(journal)
     added, removed, diffs = steps.report()
-    return dict(changed=changed, added=added, removed=removed, diff=diffs, migrated_from=old)
+    boot = steps.boot if state == "present" else {}
+    return dict(changed=changed, added=added, removed=removed, diff=diffs, migrated_from=old, boot_payload=boot)
+
+
+def _now():
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _conflict(asked, present, detail):
@@ -223,6 +284,8 @@ def _converge_nftables(host, state, rendered, job, steps):
         raise _conflict(NFTABLES, old[0], "ISTIO_* chains in %s" % ", ".join(where))
     wanted = rendered["nft_tables"] if state == "present" else {}
     _nft_step(host, engine, wanted, live, steps)
+    # The nftables capture owns whole tables: nothing to add for the boot-time restore.
+    steps.boot = dict(rendered["restore"]) if state == "present" else {}
     if not job["migrate"]:
         return []
     for backend in old:  # after the new capture: removed by the iptables Engine
@@ -239,7 +302,7 @@ def _converge_iptables(host, backend, state, rendered, ruleset, job, steps):
         wanted, payloads = Ruleset(), dict((family, "") for family in FAMILIES)
     else:
         wanted, payloads = ruleset, rendered["restore"]
-    _iptables_step(host, backend, wanted, payloads, rendered, job, steps)
+    steps.boot = _iptables_step(host, backend, wanted, payloads, rendered, job, steps)
     if not (present and job["migrate"]):
         return []
     paths = host.require(["nft"])

@@ -16,7 +16,7 @@ inet), so converging is table-wise:
    binary, /etc/passwd and /etc/group (owner names resolve to ids).
 3. Compare per table, ignoring handles and counter values and the order of
    set elements.
-4. One `nft -f -` transaction: a changed table is replaced (`table inet X`,
+4. One `nft -f FILE` transaction (the payload in a private temporary file): a changed table is replaced (`table inet X`,
    `delete table inet X`, its definition), a missing one created, an
    unwanted one deleted.  nft -f commits all of it or nothing.  Nothing is
    executed when every table is equal.
@@ -40,7 +40,8 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config
     run_checked,
 )
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_nft import NFT_FAMILY, render_nft_delete
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import mtime, write_atomic
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import keep_cache, mtime
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_payload import PayloadFile as _PayloadFile
 
 # The iptables tables a capture of the iptables backends puts ISTIO_* chains in.
 IPTABLES_CAPTURE_TABLES = ("nat", "mangle", "raw")
@@ -243,16 +244,19 @@ class NftEngine(object):
         except (IOError, OSError, ValueError):
             pass
         nft = self.paths["nft"]
-        script = '"$0" -f - && "$0" -j list ruleset && "$0" list ruleset'
-        argv = [self.paths["unshare"], "--net", "--", "/bin/sh", "-c", script, nft]
-        rc, out, err = self.run(argv, data=payload)
+        script = '"$0" -f "$1" && "$0" -j list ruleset && "$0" list ruleset'
+        with _PayloadFile(payload) as path:
+            argv = [self.paths["unshare"], "--net", "--", "/bin/sh", "-c", script, nft, path]
+            rc, out, err = self.run(argv)
         if rc != 0:
             raise ApplyError("nftables: the kernel rejects the capture ruleset: %s" % (err or out).strip(),
                              cmd=argv, rc=rc, stderr=err)
         listing, dummy, text = out.partition("\n")
         data = {"json": listing, "text": text}
         if not self.check_mode:
-            write_atomic(cache, json.dumps(data))
+            warning = keep_cache(cache, json.dumps(data))
+            if warning:
+                self.warnings.append(warning)
         return data
 
     # -- plan / apply --------------------------------------------------------
@@ -284,10 +288,11 @@ class NftEngine(object):
         """Run the plan's transaction (one `nft -f -`); nothing when unchanged."""
         if not plan.changed:
             return
-        argv = [self.paths["nft"], "-f", "-"]
-        rc, out, err = self.run(argv, data=plan.transaction())
+        with _PayloadFile(plan.transaction()) as path:
+            argv = [self.paths["nft"], "-f", path]
+            rc, out, err = self.run(argv)
         if rc != 0:
-            raise ApplyError("nft -f failed, nothing was changed: %s" % (err or out).strip(),
+            raise ApplyError("nftables: nft -f failed (rc %s), nothing was changed: %s" % (rc, (err or out).strip()),
                              cmd=argv, rc=rc, stderr=err)
 
     def report(self, plan):

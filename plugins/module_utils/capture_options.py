@@ -97,13 +97,19 @@ OPTIONS = (
         "stays an empty list.",
         "Ansible handles every item of a result's lists one by one (masking C(no_log) values, serialising, "
         "passing it to the controller); with 10,000 CIDRs the two copies of the options are most of the result "
-        "a re-run returns. RV(commands), RV(restore), RV(added), RV(removed) and the diff stay as they are.",
+        "a re-run returns.",
+        "With O(state=present) and O(state=absent) it also leaves RV(commands) out of the result (the largest list "
+        "a result holds: one item per rule); O(state=rendered) always returns it. RV(restore), RV(added), "
+        "RV(removed) and the diff stay as they are.",
         "The role meshcapture.sidecar.capture sets it.")),
     Option("state_dir", "path", "/run/meshcapture", core=False, doc=(
-        "Where the module keeps its state record (per network namespace), its cache of canonical rule forms and "
-        "the rendering of the last applied configuration (so that a re-run with the same options skips "
-        "validation and generation). Lost on reboot together with the rules when on a tmpfs, which is "
-        "intended.",)),
+        "Where the module keeps its apply journal (per network namespace, to tell an apply that was cut short), "
+        "its cache of canonical rule forms and the rendering of the last applied configuration (so that a re-run "
+        "with the same options skips validation and generation). Which rules the capture owns is marked in the "
+        "tables themselves (chain C(MESHCAPTURE_OWNED)), so nothing here is needed after a reboot.",
+        "It must be a directory only root can change: created 0700 when missing; a symbolic link, a directory "
+        "not owned by root or writable by group or others, or one under such a directory, is refused before "
+        "anything is read or changed.",)),
     Option("istio_version", "str", None, role_default="auto", doc=(
         "The Istio release whose C(istio-iptables) rules to reproduce, V(1.17) to V(1.30); a patch version "
         "such as V(1.28.3) selects its release line.",

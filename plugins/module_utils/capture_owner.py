@@ -5,8 +5,8 @@
 
 The ISTIO_* chains are the capture's; in built-in chains a rule is ours by
 its shape (what only a capture writes), by its values (a capture shape
-with the values found in the ISTIO_* chains: Signature), or by the state
-record.  Pure Python, no Ansible imports.
+with the values found in the ISTIO_* chains: Signature), or by the table's
+ownership marker (capture_marker).  Pure Python, no Ansible imports.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -36,13 +36,13 @@ _ISTIO_ONLY = re.compile(
 # Rules of capture shape whose values must match the capture's (Signature).
 _UDP53_OWNER_RETURN = re.compile(r"^-p udp -m udp --dport 53 ((?:-m owner (?:! )?--[ug]id-owner \S+ ?)+)-j RETURN$")
 _UDP53_OWNER_ZONE1 = re.compile(r"^-p udp -m udp --dport 53 (-m owner --[ug]id-owner \S+) -j CT --zone 1$")
-_DNS_ZONE = re.compile(r"^(?:-d (\S+) )?-p udp -m udp --(dport 53 -j CT --zone 2|sport 53 -j CT --zone 1)$")
+_DNS_ZONE = re.compile(r"^(?:-[sd] (\S+) )?-p udp -m udp --(dport 53 -j CT --zone 2|sport 53 -j CT --zone 1)$")
 _MARK_RULE = re.compile(
     r"^(?:-p tcp -m mark --mark (\S+) -j CONNMARK --save-mark"
     r"|-p tcp -m connmark --mark (\S+) -j CONNMARK --restore-mark"
     r"|-o lo -p tcp -m mark --mark (\S+) -j RETURN$)")
-# Shapes other software could share too: ours only by the state record, or
-# when istio-iptables left a capture behind (ISTIO_* chains, no record).
+# Shapes other software could share too: ours only by the ownership marker,
+# or when istio-iptables left a capture behind (ISTIO_* chains, no marker).
 _IFACE_RETURN = re.compile(r"^-[io] (\S+) -j RETURN$")
 _INVALID_DROP = "-m conntrack --ctstate INVALID -j DROP"
 # What the ISTIO_* chains tell about the capture's values.
@@ -126,9 +126,10 @@ def owned_builtin(table, chain, specs, signature, recorded, trust_generic):
 
     A rule is ours when only a capture writes it; when it has a capture
     shape with the values of the capture found in the ISTIO_* chains;
-    when the state record lists it (the latest copies of a spec are taken,
-    ours having been added last); or, for shapes other software could
-    share, when trust_generic (istio-iptables left a capture, no record).
+    when the table's ownership marker names it (`recorded`: the latest
+    copies of a spec are taken, ours having been added last); or, for shapes
+    other software could share, when trust_generic (istio-iptables left a
+    capture: no marker in the family).
     """
     owned = set()
     for index, spec in enumerate(specs, 1):

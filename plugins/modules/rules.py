@@ -75,15 +75,22 @@ options:
         list.
       - Ansible handles every item of a result's lists one by one (masking C(no_log) values, serialising,
         passing it to the controller); with 10,000 CIDRs the two copies of the options are most of the result
-        a re-run returns. RV(commands), RV(restore), RV(added), RV(removed) and the diff stay as they are.
+        a re-run returns.
+      - 'With O(state=present) and O(state=absent) it also leaves RV(commands) out of the result (the largest
+        list a result holds: one item per rule); O(state=rendered) always returns it. RV(restore), RV(added),
+        RV(removed) and the diff stay as they are.'
       - The role meshcapture.sidecar.capture sets it.
     type: bool
     default: false
   state_dir:
     description:
-      - Where the module keeps its state record (per network namespace), its cache of canonical rule forms
-        and the rendering of the last applied configuration (so that a re-run with the same options skips
-        validation and generation). Lost on reboot together with the rules when on a tmpfs, which is intended.
+      - Where the module keeps its apply journal (per network namespace, to tell an apply that was cut short),
+        its cache of canonical rule forms and the rendering of the last applied configuration (so that a
+        re-run with the same options skips validation and generation). Which rules the capture owns is marked
+        in the tables themselves (chain C(MESHCAPTURE_OWNED)), so nothing here is needed after a reboot.
+      - 'It must be a directory only root can change: created 0700 when missing; a symbolic link, a directory
+        not owned by root or writable by group or others, or one under such a directory, is refused before
+        anything is read or changed.'
     type: path
     default: /run/meshcapture
   istio_version:
@@ -253,7 +260,7 @@ options:
 notes:
   - Comma-separated strings are accepted wherever a list is, so values copied from an Istio C(cluster.env) work.
   - The canonical form of the wanted rules is computed once by restoring them in a scratch network namespace
-    (C(unshare --net)), or on a first apply learnt from what the restore added, and cached in O(state_dir);
+    (C(unshare --net)) and cached in O(state_dir);
     the scratch namespace never touches the host's tables.
 requirements:
   - iptables (C(iptables-nft-save) and friends, or the legacy ones), C(unshare) (util-linux)
@@ -317,8 +324,10 @@ EXAMPLES = r"""
 
 RETURN = r"""
 commands:
-  description: The iptables and ip6tables commands, in the order and format of istio-iptables of O(istio_version).
-  returned: always
+  description:
+    - The iptables and ip6tables commands, in the order and format of istio-iptables of O(istio_version).
+    - Left out with O(compact_result) unless O(state=rendered).
+  returned: always, but see O(compact_result)
   type: list
   elements: str
   sample: ['iptables -t nat -N ISTIO_INBOUND', 'iptables -t nat -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN']
@@ -374,6 +383,26 @@ removed:
   returned: when state is present or absent
   type: list
   elements: str
+boot_payload:
+  description:
+    - What a boot-time restore applies to bring the capture back (the role persists it).
+    - 'Iptables backends: RV(restore) in C(:CHAIN - [0:0]) form with the ownership marker of each table, the chain
+      C(MESHCAPTURE_OWNED) whose comment-only rules name the capture rules in built-in chains and the tables and
+      base chains it created, so that a run after a reboot tells them from those of other software and O(state=absent)
+      leaves the host as before.'
+    - 'V(nftables): RV(restore) unchanged.'
+  returned: when state is present
+  type: dict
+  contains:
+    ipv4:
+      description: Payload for C(iptables-restore --noflush).
+      type: str
+    ipv6:
+      description: Payload for C(ip6tables-restore --noflush).
+      type: str
+    nft:
+      description: Payload for C(nft -f).
+      type: str
 summary:
   description: Counts of added and removed rules.
   returned: when state is present or absent
@@ -413,7 +442,11 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_rules 
     as_declaring_payload,
     render_commands,
 )
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import RenderMemo, memo_key
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import (
+    RenderMemo,
+    check_private_dir,
+    memo_key,
+)
 
 C_LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_MESSAGES": "C"}
 
@@ -567,7 +600,13 @@ def main():
     # last run from state_dir instead of validating and generating again.
     memo = RenderMemo(p["state_dir"]) if state == "present" else None
     key = _memo_key(p) if memo else None
-    rendered = memo.load(key) if key else None
+    try:
+        if state != "rendered":
+            # Refused before anything is read or changed: root applies what it keeps there.
+            check_private_dir(p["state_dir"])
+        rendered = memo.load(key) if key else None
+    except CaptureError as err:
+        module.fail_json(msg=str(err))
     fresh = rendered is None
     if fresh:
         rendered, ruleset = _render(module, p, state)
@@ -598,13 +637,17 @@ def main():
     if key and fresh and not module.check_mode:
         try:
             memo.store(key, rendered)
-        except (IOError, OSError) as err:
-            module.warn("could not keep the rendering in %s: %s" % (memo.path, err))
+        except (IOError, OSError, CaptureError) as err:
+            module.warn("could not keep the rendering: %s" % err)
     elif state == "absent" and not module.check_mode:
         RenderMemo(p["state_dir"]).remove()
 
     result.update(backend=job["backend"], changed=done["changed"], added=done["added"], removed=done["removed"],
                   migrated_from=done["migrated_from"])
+    if done.get("boot_payload"):
+        result["boot_payload"] = done["boot_payload"]
+    if p["compact_result"]:
+        result.pop("commands", None)
     result["summary"] = dict(added=len(result["added"]), removed=len(result["removed"]))
     if module._diff:
         result["diff"] = done["diff"]

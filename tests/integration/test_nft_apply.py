@@ -339,8 +339,10 @@ def test_rejected_transaction_changes_nothing(netns_factory, tmp_path):
     wanted = ok(apply(ns, tmp_path, state="rendered", **dict(CONFIGS["dual-dns"], **NFT)))
 
     def runner(argv, data=None):
-        if argv[1:] == ["-f", "-"]:
-            data += "add rule inet istio-proxy-nat no-such-chain accept\n"
+        if argv[1:2] == ["-f"] and argv[0] == paths["nft"]:  # the transaction, from its file
+            assert data is None
+            with open(argv[2], "a") as f:
+                f.write("add rule inet istio-proxy-nat no-such-chain accept\n")
         proc = subprocess.run(["ip", "netns", "exec", ns.name] + argv, input=data, capture_output=True, text=True,
                               check=False)
         return proc.returncode, proc.stdout, proc.stderr
@@ -352,7 +354,7 @@ def test_rejected_transaction_changes_nothing(netns_factory, tmp_path):
     assert plan.replace == ["istio-proxy-raw", "istio-proxy-nat"]
     with pytest.raises(ApplyError) as err:
         engine.apply(plan)
-    assert err.value.msg.startswith("nft -f failed, nothing was changed: ")
+    assert err.value.msg.startswith("nftables: nft -f failed (rc 1), nothing was changed: ")
     assert ruleset(ns, handles=True) == before
 
 

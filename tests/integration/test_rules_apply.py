@@ -17,8 +17,8 @@ import pytest
 import netns
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_apply import Engine
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_save import parse_save
-from rules_helpers import (CONFIGS, FAMILIES, add_foreign, nft_monitor, apply, assert_same, ok, restore, run_commands,
-                           save, saves, state_dir)
+from rules_helpers import (CONFIGS, FAMILIES, add_foreign, assert_marked, nft_monitor, apply, assert_same, ok, restore,
+                           run_commands, save, saves, state_dir, without_marker)
 
 pytestmark = pytest.mark.netns
 
@@ -28,9 +28,10 @@ BATTERY = ["vm-redirect", "tproxy", "dual-dns", "trace", "kubevirt"]
 
 def entries(text):
     """Counter of (table, line) for the rule lines and ISTIO_* chain lines of
-    an iptables-save dump (or of a diff's before/after, which has that form)."""
+    an iptables-save dump (or of a diff's before/after, which has that form).
+    The ownership marker chain is not part of it: see assert_marked."""
     out, table = Counter(), None
-    for line in text.splitlines():
+    for line in without_marker(text).splitlines():
         line = re.sub(r"^\[\d+:\d+\] ", "", line)
         if line.startswith("*"):
             table = line[1:]
@@ -118,7 +119,8 @@ def test_check_apply_idempotent_check(netns_factory, tmp_path, name):
         assert entries(untouched[family]) - entries(live[family]) == Counter(), "a foreign rule went away"
     if not opts.get("enable_inbound_ipv6"):
         assert "ISTIO" not in live["ipv6"]
-    assert [f for f in state_files(tmp_path) if f.startswith("netns-")], "no state record written"
+    for family in FAMILIES:
+        assert_marked(live[family], untouched[family])
 
     # 3. idempotence: no change, and no write at all (nft monitor sees nothing,
     #    every counter and handle stays).
@@ -146,16 +148,22 @@ def test_check_apply_idempotent_check(netns_factory, tmp_path, name):
 @pytest.mark.parametrize("name", BATTERY)
 def test_live_state_equals_restore_payload(netns_factory, tmp_path, name):
     """After apply, the tables equal a plain `iptables-nft-restore --noflush` of
-    the module's own payload in a second namespace with the same foreign rules."""
+    the module's own payload in a second namespace with the same foreign rules
+    (plus the ownership marker, which names exactly the capture's rules in
+    built-in chains)."""
     host, reference = netns_factory("live"), netns_factory("ref")
     add_foreign(host)
     add_foreign(reference)
+    foreign = saves(host)
     result = ok(apply(host, tmp_path, **CONFIGS[name]))
     for family in FAMILIES:
         assert bool(result["restore"][family]) == (family == "ipv4" or bool(CONFIGS[name].get("enable_inbound_ipv6")))
         if result["restore"][family]:
             restore(reference, family, result["restore"][family])
-    assert_same(saves(host), saves(reference))
+    live = saves(host)
+    assert_same(without_marker(live), saves(reference))
+    for family in FAMILIES:
+        assert_marked(live[family], foreign[family])
 
 
 def test_rerun_uses_the_memoised_rendering(netns_factory, tmp_path):
@@ -179,6 +187,41 @@ def test_rerun_uses_the_memoised_rendering(netns_factory, tmp_path):
     assert [f for f in state_files(tmp_path) if f.startswith("rendered-")] == memo
     ok(apply(ns, tmp_path, state="absent"))
     assert [f for f in state_files(tmp_path) if f.startswith("rendered-")] == []
+
+
+def test_compact_result_leaves_commands_out_and_returns_the_boot_payload(netns_factory, tmp_path):
+    """compact_result: present and absent results carry no commands (rendered
+    always does); present returns what a boot restores, marker included."""
+    ns = netns_factory("compact")
+    opts = dict(CONFIGS["dual-dns"], compact_result=True)
+    assert ok(apply(ns, tmp_path, state="rendered", **opts))["commands"]
+    first = ok(apply(ns, tmp_path, **opts))
+    assert "commands" not in first and first["restore"]["ipv4"]
+    for family in FAMILIES:
+        assert "-A MESHCAPTURE_OWNED -m comment" in first["boot_payload"][family], family
+    again = ok(apply(ns, tmp_path, **opts))
+    assert again["changed"] is False and "commands" not in again
+    assert again["boot_payload"] == first["boot_payload"]
+    assert "commands" not in ok(apply(ns, tmp_path, state="absent", compact_result=True))
+
+
+@pytest.mark.parametrize("name", ["unsafe-mode", "symlink"])
+def test_unsafe_state_dir_is_refused_before_any_change(netns_factory, tmp_path, name):
+    ns = netns_factory("unsafe")
+    before = saves(ns)
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    if name == "symlink":
+        (tmp_path / "state").symlink_to(real)
+        why = "is a symbolic link"
+    else:
+        (tmp_path / "state").mkdir()
+        (tmp_path / "state").chmod(0o777)
+        why = "writable by group and others"
+    result = apply(ns, tmp_path, state_dir=str(tmp_path / "state"), **CONFIGS["vm-redirect"])
+    assert result.get("failed"), result
+    assert result["msg"].startswith("%s: " % (tmp_path / "state")) and why in result["msg"], result["msg"]
+    assert saves(ns) == before
 
 
 @pytest.mark.parametrize("name", ["dual-dns", "kubevirt"])
@@ -525,7 +568,9 @@ def test_backend_legacy_forced(netns_factory, tmp_path):
     for family in FAMILIES:
         restore(reference, family, result["restore"][family], backend="iptables-legacy")
     live = saves(ns, backend="iptables-legacy", counters=True)
-    assert_same(saves(ns, backend="iptables-legacy"), saves(reference, backend="iptables-legacy"))
+    assert_same(without_marker(saves(ns, backend="iptables-legacy")), saves(reference, backend="iptables-legacy"))
+    for family in FAMILIES:
+        assert_marked(live[family], before[family])
     assert ns.run(["nft", "list", "ruleset"]).stdout == "", "the legacy backend wrote nft rules"
 
     assert ok(apply(ns, tmp_path, **opts))["changed"] is False
@@ -773,6 +818,46 @@ def test_large_ruleset_one_restore(netns_factory, tmp_path):
     assert again["changed"] is False
     for family in FAMILIES:
         restore(reference, family, result["restore"][family])
-    assert_same(saves(ns), saves(reference))
+    assert_same(without_marker(saves(ns)), saves(reference))
     assert ok(apply(ns, tmp_path, state="absent"))["changed"] is True
     assert ns.run(["nft", "list", "ruleset"]).stdout == ""
+
+
+# ------------------------------------------------------------ Istio releases
+RELEASES = ["1.17", "1.20", "1.22", "1.24", "1.26", "1.30"]
+RELEASE_OPTS = dict(inbound_ports_include=["*"], inbound_ports_exclude=["22"], drop_invalid=True, redirect_dns=True,
+                    dns_servers_v4=["192.0.2.53"], dns_servers_v6=["2001:db8::53"], exclude_interfaces=["eth9"],
+                    kube_virt_interfaces=["eth1"], outbound_ip_ranges_include=["10.0.0.0/8", "2001:db8:ffff::/48"],
+                    enable_inbound_ipv6=True)
+
+
+@pytest.mark.parametrize("version", RELEASES)
+def test_every_release_capture_is_owned(netns_factory, tmp_path, version):
+    """The capture of any Istio release (1.17 to 1.30 rules: ISTIO_DROP,
+    ISTIO_OUTPUT_DNS, raw jumps, DNS zones with source addresses) converges,
+    is idempotent, and absent removes all of it, foreign rules untouched."""
+    ns = netns_factory("rel")
+    add_foreign(ns)
+    before = saves(ns, counters=True)
+    opts = dict(RELEASE_OPTS, istio_version=version)
+    assert ok(apply(ns, tmp_path, **opts))["changed"] is True
+    live = saves(ns)
+    for family in FAMILIES:
+        assert_marked(live[family], before[family])
+    assert ok(apply(ns, tmp_path, **opts))["changed"] is False
+    assert ok(apply(ns, tmp_path, state="absent"))["changed"] is True
+    assert_same(saves(ns, counters=True), before)
+
+
+@pytest.mark.parametrize("version", RELEASES)
+def test_every_release_left_by_istio_is_removed(netns_factory, tmp_path, version):
+    """A ruleset istio-iptables of that release left (its commands run one by
+    one, no marker): absent removes all of it and nothing else."""
+    ns = netns_factory("relist")
+    add_foreign(ns)
+    before = saves(ns)
+    rendered = ok(apply(ns, tmp_path, state="rendered", **dict(RELEASE_OPTS, istio_version=version)))
+    run_commands(ns, rendered["commands"])
+    assert "ISTIO" in save(ns, "ipv4")
+    assert ok(apply(ns, tmp_path, state="absent"))["changed"] is True
+    assert_same(saves(ns), before)

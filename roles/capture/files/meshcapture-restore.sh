@@ -3,9 +3,14 @@
 # Restores the Istio sidecar traffic capture at boot (systemd unit
 # meshcapture-capture.service): the iptables rules from rules.v4 / rules.v6
 # or, with the nftables backend, the nftables tables from rules.nft,
-# the TPROXY policy routing and the IPv6 inbound address from routes.env,
-# all in the directory of this script. The script itself is the same on
-# every host; routes.env holds the settings.
+# the TPROXY policy routing and the IPv6 inbound address from routes.env.
+# It reads them from the active file set of its directory (.current, which
+# meshcapture.sidecar.persist replaces in one step), or from the directory
+# itself when there is no .current. The script itself is the same on every
+# host; routes.env holds the settings.
+# It holds the host lock of meshcapture.sidecar.rules (flock on
+# /run/meshcapture/lock-<network namespace>) while it runs, waiting for it
+# up to 60 s, and refuses a directory that another user could change.
 # Idempotent: a ruleset already in place (ISTIO_OUTPUT in the nat table, or
 # an inet istio-proxy-* table) is left alone, and routing objects are added
 # only when missing.
@@ -13,14 +18,53 @@ set -u
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH LC_ALL=C
 
-DIR=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd) || exit 1
+LOCK_DIR=/run/meshcapture
+LOCK_WAIT=60
 status=0
 
 log() { echo "meshcapture-restore: $*"; }
 fail() { log "ERROR: $*" >&2; status=1; }
+die() { log "ERROR: $*" >&2; exit 1; }
+
+# A directory owned by this user, not writable by group or others, not a symbolic link.
+private_dir() {
+    [ -d "$1" ] && [ ! -L "$1" ] || return 1
+    # shellcheck disable=SC2046  # owner and mode: two words
+    set -- "$1" $(stat -c '%u %a' -- "$1" 2>/dev/null)
+    [ $# -eq 3 ] && [ "$2" = "$(id -u)" ] || return 1
+    case $3 in *[2367]? | *[2367]) return 1 ;; esac
+}
+
+# The host lock: the same file, and the same flock, as meshcapture.sidecar.rules.
+take_lock() {
+    if ! command -v flock >/dev/null 2>&1; then
+        log "WARNING: flock not found (util-linux): running without the host lock" >&2
+        return 0
+    fi
+    ns=$(stat -L -c '%d-%i' /proc/self/ns/net) || die "cannot identify the network namespace"
+    (umask 077 && mkdir -p "$LOCK_DIR") || die "cannot create $LOCK_DIR"
+    private_dir "$LOCK_DIR" || die "$LOCK_DIR: not a directory only $(id -un) can change: refusing it"
+    lock=$LOCK_DIR/lock-$ns
+    mask=$(umask)
+    umask 077
+    exec 9>>"$lock" || die "cannot open $lock"
+    umask "$mask"
+    flock -w "$LOCK_WAIT" 9 || die "$lock: held by another run for $LOCK_WAIT s"
+}
+take_lock
+
+DIR=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd) || exit 1
+if [ -L "$DIR/.current" ]; then
+    SET=$(CDPATH='' cd -P -- "$DIR/.current" && pwd -P) || die "$DIR/.current: the active file set is missing"
+else
+    SET=$(CDPATH='' cd -P -- "$DIR" && pwd -P) || exit 1
+fi
+for d in "$DIR" "$SET"; do
+    private_dir "$d" || die "$d: not a directory only $(id -un) can change: refusing it"
+done
 
 # shellcheck disable=SC1091
-. "$DIR/routes.env" || { log "ERROR: cannot read $DIR/routes.env" >&2; exit 1; }
+. "$SET/routes.env" || die "cannot read $SET/routes.env"
 # The backend the rules were applied with (iptables-nft-restore,
 # iptables-legacy-restore, or nft -f for nftables); routes.env of older
 # releases does not say: iptables-nft.
@@ -102,13 +146,13 @@ if [ "$MESHCAPTURE_TPROXY_ROUTES" = true ]; then
 fi
 
 if [ "$BACKEND" = nftables ]; then
-    restore_nft "$DIR/rules.nft"
+    restore_nft "$SET/rules.nft"
     exit "$status"
 fi
-restore_rules iptables "$DIR/rules.v4"
-if [ -s "$DIR/rules.v6" ]; then
+restore_rules iptables "$SET/rules.v4"
+if [ -s "$SET/rules.v6" ]; then
     if [ -e /proc/net/if_inet6 ]; then
-        restore_rules ip6tables "$DIR/rules.v6"
+        restore_rules ip6tables "$SET/rules.v6"
     else
         log "WARNING: no IPv6 in this kernel: rules.v6 not restored" >&2
     fi

@@ -2,6 +2,8 @@
 
 import json
 
+import os
+
 import pytest
 
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import ApplyError
@@ -139,6 +141,7 @@ class FakeNft(object):
     def __init__(self, live, canonical, fail=None):
         self.live, self.canonical, self.fail = read_output(*live), canonical, fail
         self.calls = []
+        self.payloads = []  # what each `nft -f FILE` read from its file
 
     def __call__(self, argv, data=None):
         self.calls.append(argv)
@@ -146,8 +149,12 @@ class FakeNft(object):
             return 0, self.canonical + "\n" + TEXT, ""
         if argv[:2] == ["/bin/sh", "-c"] and argv[2] == READ_SCRIPT:
             return 0, self.live, ""
-        if argv[1:] == ["-f", "-"] and self.fail:
-            return 1, "", self.fail
+        if argv[1:2] == ["-f"]:
+            assert data is None, "payloads go through a file, not a pipe"
+            with open(argv[2]) as f:
+                self.payloads.append(f.read())
+            if self.fail:
+                return 1, "", self.fail
         return 0, "", ""
 
 
@@ -187,8 +194,12 @@ def test_rejected_transaction_is_an_apply_error(tmp_path):
     engine = NftEngine(fake, PATHS, str(tmp_path), OWNED)
     with pytest.raises(ApplyError) as err:
         engine.apply(engine.plan({}))
-    assert err.value.msg == "nft -f failed, nothing was changed: Error: Could not process rule: No such file or directory"
-    assert err.value.cmd == ["nft", "-f", "-"] and err.value.rc == 1
+    assert err.value.msg == ("nftables: nft -f failed (rc 1), nothing was changed: "
+                             "Error: Could not process rule: No such file or directory")
+    assert err.value.cmd[:2] == ["nft", "-f"] and err.value.rc == 1
+    # The transaction went through a private file, removed afterwards.
+    assert fake.payloads == ["delete table inet istio-proxy-nat\n"]
+    assert not os.path.exists(err.value.cmd[2])
 
 
 def test_not_a_capture_table(tmp_path):

@@ -5,13 +5,17 @@ Files are owned by the user running the tests (root in CI), so the tests
 also run unprivileged.
 """
 
+import errno
+import fcntl
 import grp
 import os
+import re
 import pwd
 import stat
 
 import pytest
 
+from ansible_collections.meshcapture.sidecar.plugins.module_utils import capture_store
 from ansible_collections.meshcapture.sidecar.plugins.modules import persist
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
@@ -23,6 +27,7 @@ SYSTEMD_BOOTED_PATH = persist.SYSTEMD_BOOTED_PATH  # before the fixture below re
 def no_systemd(monkeypatch, tmp_path):
     """systemd 'runs' when tmp_path/systemd-booted exists."""
     monkeypatch.setattr(persist, "SYSTEMD_BOOTED_PATH", str(tmp_path / "systemd-booted"))
+    monkeypatch.setattr(persist, "LOCK_DIR", str(tmp_path / "lock"), raising=False)
 
 
 @pytest.fixture
@@ -57,6 +62,23 @@ def snapshot(*paths):
     return out
 
 
+def active_set(directory):
+    """(name of the active set directory, its file names); checks that every
+    file of the set is also <directory>/<name>, the same file (a hard link)."""
+    set_name = os.readlink(str(directory / ".current"))
+    assert set_name.startswith(".set-") and "/" not in set_name
+    names = sorted(os.listdir(str(directory / set_name)))
+    for name in names:
+        assert os.path.samestat(os.lstat(str(directory / name)), os.lstat(str(directory / set_name / name))), name
+    return set_name, names
+
+
+def listing(directory):
+    """The directory's entries, the active set directory as '.set-*' (and checked: active_set)."""
+    set_name, dummy = active_set(directory)
+    return sorted(".set-*" if name == set_name else name for name in os.listdir(str(directory)))
+
+
 def managed(directory, unit):
     return [directory / name for name in ("rules.v4", "rules.v6", "routes.env", "meshcapture-restore.sh")] + [unit]
 
@@ -79,8 +101,13 @@ def test_present_writes_everything(run_module, layout):
     assert stat.S_IMODE((directory / "meshcapture-restore.sh").stat().st_mode) == 0o755
     assert stat.S_IMODE((directory / "routes.env").stat().st_mode) == 0o644
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
-    assert sorted(os.listdir(str(directory))) == ["meshcapture-restore.sh", "routes.env", "rules.v4", "rules.v6"]
-    assert os.listdir(str(unit.parent)) == [unit.name]  # no temporary file left
+    # The files are one set: .set-<digest>/ with all of them, .current pointing to it, and each
+    # file also in the directory itself (a hard link to the set's); no temporary file left.
+    assert listing(directory) == [".current", ".set-*", "meshcapture-restore.sh", "routes.env", "rules.v4",
+                                  "rules.v6"]
+    assert active_set(directory)[1] == ["meshcapture-restore.sh", "routes.env", "rules.v4", "rules.v6"]
+    assert stat.S_IMODE((directory / active_set(directory)[0]).stat().st_mode) == 0o755
+    assert os.listdir(str(unit.parent)) == [unit.name]
 
 
 def test_second_run_changes_and_writes_nothing(run_module, layout):
@@ -113,8 +140,9 @@ def test_content_change_rewrites_only_that_file_atomically(run_module, layout):
     assert after[rules_v4][3] == b"*nat\n:ISTIO_OUTPUT - [0:0]\nCOMMIT\n"
     assert after[rules_v4][0] != before[rules_v4][0]  # a new file renamed over the old one
     del before[rules_v4], after[rules_v4]
-    assert after == before
-    assert sorted(os.listdir(str(directory))) == ["meshcapture-restore.sh", "routes.env", "rules.v4", "rules.v6"]
+    assert after == before  # the other files are the same files (hard links into the new set)
+    assert listing(directory) == [".current", ".set-*", "meshcapture-restore.sh", "routes.env", "rules.v4",
+                                  "rules.v6"]  # the old set is gone
 
 
 def test_mode_change_is_written(run_module, layout):
@@ -274,7 +302,8 @@ def test_absent_of_only_some_files_keeps_the_rest(run_module, layout):
     run_module(persist.main, args(directory, unit))
     result, failed = run_module(persist.main, dict(state="absent", path=str(directory), files=[dict(name="rules.v6")]))
     assert (failed, result["removed"]) == (False, [str(directory / "rules.v6")])
-    assert sorted(os.listdir(str(directory))) == ["meshcapture-restore.sh", "routes.env", "rules.v4"]
+    assert listing(directory) == [".current", ".set-*", "meshcapture-restore.sh", "routes.env", "rules.v4"]
+    assert active_set(directory)[1] == ["meshcapture-restore.sh", "routes.env", "rules.v4"]
 
 
 def test_absent_in_check_mode_removes_nothing(run_module, layout):
@@ -302,6 +331,8 @@ NAME_ERRORS = [
     ("", "files[1].name: must not be empty (got '')"),
     ("x\ny", "files[1].name: must not contain control characters (got 'x\\ny')"),
     ("x\ty", "files[1].name: must not contain control characters (got 'x\\ty')"),
+    (".current", "files[1].name: is a name the module keeps the file set under (got '.current')"),
+    (".set-0123", "files[1].name: is a name the module keeps the file set under (got '.set-0123')"),
 ]
 
 
@@ -329,12 +360,15 @@ def test_bad_name_fails_with_exact_message_before_any_change(run_module, layout,
     (dict(files=[dict(name="a", content="x", mode=0o17777)]),
      "files[0].mode: must be an octal mode between '0000' and '07777' (got 8191)"),
     (dict(directory_mode="rwx"), "directory_mode: must be an octal mode such as '0644' (got 'rwx')"),
+    (dict(directory_mode="0775"), "directory_mode: must not be writable by group or others (got '0775')"),
+    (dict(directory_mode="0757"), "directory_mode: must not be writable by group or others (got '0757')"),
     (dict(files=[dict(name="a")]), "files[0].content: is required with state=present (got None)"),
     (dict(files=[dict(name="a", content=""), dict(name="a", content="")]),
      "files[1]: names the same file as files[0] (got '{d}/a')"),
     (dict(owner="no-such-user-mcs"), "owner: no such user on the target (got 'no-such-user-mcs')"),
     (dict(group="no-such-group-mcs"), "group: no such group on the target (got 'no-such-group-mcs')"),
 ], ids=["relative-path", "relative-extra", "symbolic-mode", "not-octal", "mode-range", "directory-mode",
+        "directory-mode-group-writable", "directory-mode-other-writable",
         "no-content", "duplicate", "owner", "group"])
 def test_bad_option_fails_with_exact_message(run_module, layout, change, message):
     directory, unit = layout
@@ -393,3 +427,247 @@ def test_bad_state_is_refused_by_ansible(run_module, layout):
     result, failed = run_module(persist.main, args(directory, unit, state="rendered"))
     assert failed
     assert result["msg"] == "value of state must be one of: present, absent, got: rendered"
+
+
+# ------------------------------------------------- directories another user could change
+ROOT = os.geteuid() == 0
+REFUSED = "path: {why}: refusing a directory that another user could change (got '{d}')"
+
+
+def _loose(mode):
+    def make(directory):
+        directory.mkdir(parents=True)
+        directory.chmod(mode)
+    return make
+
+
+def _owned_by_nobody(directory):
+    directory.mkdir(parents=True)
+    os.chown(str(directory), 65534, 65534)
+
+
+def _symlink(directory):
+    real = directory.parent / "real"
+    real.mkdir(parents=True)
+    directory.symlink_to(real)
+
+
+def _symlinked_parent(owner):
+    def make(directory):
+        real = directory.parent.parent / "real"
+        (real / directory.name).mkdir(parents=True)
+        directory.parent.symlink_to(real)
+        os.lchown(str(directory.parent), owner, owner)
+    return make
+
+
+def _parent(mode=None, owner=None):
+    def make(directory):
+        directory.mkdir(parents=True)
+        if mode is not None:
+            directory.parent.chmod(mode)
+        if owner is not None:
+            os.chown(str(directory.parent), owner, owner)
+    return make
+
+
+UNSAFE = [
+    ("mode-0777", _loose(0o777), "is writable by group and others (mode 0777)", False),
+    ("mode-0770", _loose(0o770), "is writable by group (mode 0770)", False),
+    ("mode-0757", _loose(0o757), "is writable by others (mode 0757)", False),
+    ("owned-by-nobody", _owned_by_nobody, "is owned by uid 65534, not by uid {uid} (the user running this)", True),
+    ("symlink", _symlink, "is a symbolic link", False),
+    ("symlinked-parent-owned-by-nobody", _symlinked_parent(65534), "{p} is a symbolic link owned by uid 65534", True),
+    ("parent-0777-without-sticky-bit", _parent(mode=0o777),
+     "{p} is writable by group and others (mode 0777) without the sticky bit", False),
+    ("parent-owned-by-nobody", _parent(owner=65534), "{p} is owned by uid 65534, not by root or uid {uid}", True),
+]
+
+
+@pytest.mark.parametrize("state", ["present", "absent"])
+@pytest.mark.parametrize("make, why, needs_root", [u[1:] for u in UNSAFE], ids=[u[0] for u in UNSAFE])
+def test_directory_another_user_could_change_is_refused(run_module, layout, state, make, why, needs_root):
+    if needs_root and not ROOT:
+        pytest.skip("chown needs root")
+    directory, unit = layout
+    make(directory)
+    before = sorted(os.listdir(str(directory))) if directory.is_dir() else None
+    result, failed = run_module(persist.main, args(directory, unit, state=state))
+    assert failed
+    assert result["msg"] == REFUSED.format(why=why.format(p=directory.parent, uid=os.geteuid()), d=directory)
+    assert (sorted(os.listdir(str(directory))) if directory.is_dir() else None) == before
+    assert not unit.exists()
+
+
+def test_refused_before_creating_anything_under_a_loose_parent(run_module, layout):
+    directory, unit = layout
+    directory.parent.mkdir()
+    directory.parent.chmod(0o777)
+    result, failed = run_module(persist.main, args(directory / "deeper", unit))
+    assert failed
+    assert result["msg"] == REFUSED.format(
+        why="%s is writable by group and others (mode 0777) without the sticky bit" % directory.parent,
+        d=directory / "deeper")
+    assert os.listdir(str(directory.parent)) == []
+
+
+def test_sticky_parent_and_root_owned_symlink_are_trusted(run_module, layout):
+    directory, unit = layout
+    directory.parent.mkdir()
+    directory.parent.chmod(0o1777)  # as /tmp
+    real = directory.parent.parent / "real"
+    real.mkdir()
+    (directory.parent / "link").symlink_to(real)  # as /var/run -> /run
+    result, failed = run_module(persist.main, args(directory.parent / "link" / "meshcapture", unit))
+    assert not failed, result["msg"]
+    assert active_set(real / "meshcapture")[1] == ["meshcapture-restore.sh", "routes.env", "rules.v4", "rules.v6"]
+
+
+def test_created_directories_are_owned_by_the_running_user(run_module, layout):
+    directory, unit = layout
+    result, failed = run_module(persist.main, args(directory, unit, directory_mode="0700"))
+    assert not failed
+    for path in (directory, directory.parent, directory / active_set(directory)[0]):
+        st = path.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o700)
+
+
+# ------------------------------------------------- the set: replaced in one step
+def _contents(directory):
+    set_name, names = active_set(directory)
+    return set_name, dict((name, (directory / set_name / name).read_text()) for name in names)
+
+
+@pytest.mark.parametrize("failing, errno_, reason", [
+    ("rules.v6", errno.ENOSPC, "No space left on device"),
+    ("rules.v4", errno.EROFS, "Read-only file system"),
+    ("meshcapture-restore.sh", errno.EIO, "Input/output error"),
+], ids=["enospc-second-file", "erofs-first-file", "eio-last-file"])
+def test_failed_write_leaves_the_previous_set_complete_and_active(run_module, layout, monkeypatch,
+                                                                   failing, errno_, reason):
+    directory, unit = layout
+    run_module(persist.main, args(directory, unit))
+    before = _contents(directory)
+    new = args(directory, unit)
+    for item in new["files"]:
+        item["content"] = "new " + item["name"] + "\n"
+    write_file = persist.write_file
+
+    def fail_on(path, *rest, **kwargs):
+        if os.path.basename(path) == failing:
+            raise OSError(errno_, reason, path)
+        return write_file(path, *rest, **kwargs)
+
+    monkeypatch.setattr(persist, "write_file", fail_on)
+    result, failed = run_module(persist.main, new)
+    assert failed
+    assert re.match(r"^cannot write %s/\.set-[0-9a-f]{16}\.tmp/%s: %s$" % (
+        re.escape(str(directory)), re.escape(failing), reason), result["msg"]), result["msg"]
+    assert result["written"] == []
+    assert _contents(directory) == before  # every old file, through .current and in the directory
+    assert listing(directory) == [".current", ".set-*", "meshcapture-restore.sh", "routes.env", "rules.v4",
+                                  "rules.v6"]  # nothing half-written left
+    monkeypatch.setattr(persist, "write_file", write_file)
+    result, failed = run_module(persist.main, new)  # once there is room again
+    assert not failed
+    assert _contents(directory)[1] == dict((f["name"], f["content"]) for f in new["files"])
+
+
+def test_failed_switch_leaves_the_previous_set_active(run_module, layout, monkeypatch):
+    directory, unit = layout
+    run_module(persist.main, args(directory, unit))
+    before = _contents(directory)
+    new = args(directory, unit)
+    new["files"][0]["content"] = "changed\n"
+
+    def no_symlink(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+    monkeypatch.setattr(persist.os, "symlink", no_symlink)
+    result, failed = run_module(persist.main, new)
+    assert failed
+    assert result["msg"] == "cannot write %s/.current: No space left on device" % directory
+    assert _contents(directory) == before
+    assert listing(directory) == [".current", ".set-*", "meshcapture-restore.sh", "routes.env", "rules.v4",
+                                  "rules.v6"]
+
+
+def test_files_of_an_older_release_become_the_set(run_module, layout):
+    """A directory of plain files (written before the file sets): its files become links into a set, other
+    files stay as they are."""
+    directory, unit = layout
+    directory.mkdir(parents=True)
+    params = args(directory, unit)
+    for item in params["files"]:
+        (directory / item["name"]).write_text(item["content"])
+        (directory / item["name"]).chmod(int(item.get("mode", "0644"), 8))
+    (directory / "notes.txt").write_text("mine")
+    result, failed = run_module(persist.main, params)
+    assert (failed, result["changed"]) == (False, True)
+    assert listing(directory) == [".current", ".set-*", "meshcapture-restore.sh", "notes.txt", "routes.env",
+                                  "rules.v4", "rules.v6"]
+    result, failed = run_module(persist.main, params)
+    assert (failed, result["changed"]) == (False, False)
+
+
+def test_set_edited_in_place_is_written_again(run_module, layout):
+    directory, unit = layout
+    run_module(persist.main, args(directory, unit))
+    set_name = active_set(directory)[0]
+    with open(str(directory / "rules.v4"), "a") as f:  # the same file as the set's
+        f.write("# edited\n")
+    result, failed = run_module(persist.main, args(directory, unit))
+    assert (failed, result["written"]) == (False, [str(directory / "rules.v4")])
+    assert active_set(directory)[0] != set_name
+    assert _contents(directory)[1]["rules.v4"] == "*nat\nCOMMIT\n"
+
+
+def test_a_file_replaced_in_the_directory_is_linked_again(run_module, layout):
+    directory, unit = layout
+    run_module(persist.main, args(directory, unit))
+    set_name = active_set(directory)[0]
+    (directory / "routes.env").unlink()
+    (directory / "routes.env").write_text("MESHCAPTURE_TPROXY_ROUTES=false\n")  # same content, another file
+    result, failed = run_module(persist.main, args(directory, unit))
+    assert (failed, result["written"]) == (False, [str(directory / "routes.env")])
+    assert active_set(directory)[0] == set_name  # the set itself was right
+
+
+@pytest.mark.parametrize("target", ["../elsewhere", "/etc", ".set-0123456789abcdef.tmp", "rules.v4"],
+                         ids=["outside", "absolute", "temporary", "not-a-set"])
+def test_current_that_is_not_a_set_is_refused(run_module, layout, target):
+    directory, unit = layout
+    run_module(persist.main, args(directory, unit))
+    (directory / ".current").unlink()
+    (directory / ".current").symlink_to(target)
+    result, failed = run_module(persist.main, args(directory, unit))
+    assert failed
+    assert result["msg"] == ("path: %s/.current is not a symbolic link to a .set-* directory of this module (got %r)"
+                             % (directory, str(directory)))
+
+
+def test_loose_set_directory_is_refused(run_module, layout):
+    directory, unit = layout
+    run_module(persist.main, args(directory, unit))
+    set_dir = directory / active_set(directory)[0]
+    set_dir.chmod(0o777)
+    result, failed = run_module(persist.main, args(directory, unit))
+    assert failed
+    assert result["msg"] == "path: %s: is writable by group and others (mode 0777) (got %r)" % (
+        set_dir, str(directory))
+
+
+def test_held_lock_fails_before_any_change(run_module, layout, monkeypatch, tmp_path):
+    from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import current_netns_id
+    directory, unit = layout
+    monkeypatch.setattr(persist, "LOCK_TIMEOUT", 0.2)
+    (tmp_path / "lock").mkdir(mode=0o700)
+    lock = tmp_path / "lock" / ("lock-%s" % current_netns_id())
+    with open(str(lock), "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        result, failed = run_module(persist.main, args(directory, unit))
+    assert failed
+    assert result["msg"] == ("lock %s is held by another run against this host (another rules run or the boot-time "
+                             "restore); gave up after 0 s" % lock)
+    assert not directory.exists() or os.listdir(str(directory)) == []
+    assert not unit.exists()
