@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite (CI runs it through .ci/run). Sets everything up on a
 # fresh machine first, then runs, in order: ansible-test sanity, ansible-lint,
-# every molecule scenario, and pytest (unit + real-kernel integration tests).
+# every molecule scenario, the compatibility matrix (reduced; scripts/matrix.sh
+# --full for all of it), and pytest (unit + real-kernel integration tests).
 # Every stage runs even when an earlier one failed; the exit status is
 # non-zero when any failed. Arguments go to pytest and skip the other
 # stages, e.g.:  bash scripts/test.sh tests/unit -k golden
@@ -51,6 +52,7 @@ if [ "$#" -eq 0 ]; then
     stage "ansible-test sanity" sanity
     stage "ansible-lint (production profile)" ansible-lint --offline
     stage "molecule test --all" molecule test --all
+    stage "compatibility matrix (reduced)" bash scripts/matrix.sh
 fi
 stage "pytest" python -m pytest "$@"
 
