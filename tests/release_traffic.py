@@ -49,15 +49,20 @@ TPROXY_GROUPS = dict(
     enable_inbound_ipv6=True)
 
 
-def build(topo):
-    """(host, peer) of the topology above, with the TPROXY routes on the host."""
-    host, peer = topo.host_and_peer()
+def add_peer_addresses(peer):
+    """The peer's services and excluded addresses (on lo) and resolvers (on eth0) of the topology above."""
     for addr in ("198.51.100.7/32", "198.51.100.200/32"):
         peer.run(["ip", "addr", "add", addr, "dev", "lo"])
     for addr in ("2001:db8:ffff::7/128", "2001:db8:fffe::9/128"):
         peer.run(["ip", "addr", "add", addr, "dev", "lo", "nodad"])
     peer.run(["ip", "addr", "add", "192.0.2.53/32", "dev", "eth0"])
     peer.run(["ip", "addr", "add", "2001:db8::53/128", "dev", "eth0", "nodad"])
+
+
+def build(topo):
+    """(host, peer) of the topology above, with the TPROXY routes on the host."""
+    host, peer = topo.host_and_peer()
+    add_peer_addresses(peer)
     ok(run_module("routes", dict(enable_inbound_ipv6=True), netns=host))
     return host, peer
 

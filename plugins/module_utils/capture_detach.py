@@ -83,7 +83,8 @@ def run_detached(fn, journal=None, intent=None):
         try:
             write_atomic(journal, json.dumps(dict(intent or {}, started=time.time())))
         except (IOError, OSError) as err:
-            raise CaptureError("cannot write the apply journal %s (nothing was changed): %s" % (journal, err))
+            # err names the path: "<journal>: cannot write: <reason>".
+            raise CaptureError("%s (the apply journal; nothing was changed)" % err)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns

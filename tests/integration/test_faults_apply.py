@@ -164,7 +164,8 @@ def test_second_family_failing_is_rolled_back(netns_factory, tmp_path, backend, 
     ok(apply(ns, tmp_path, backend=backend, **FIRST))
     before = saves(ns, backend=backend, counters=True)
     ruleset = ns.run(["nft", "list", "ruleset"]).stdout
-    second = dict(SECOND, outbound_ip_ranges_include=["10.0.0.0/8"] + _many_ranges(SIZES[size]))
+    second = dict(SECOND)
+    second["outbound_ip_ranges_include"] = ["10.0.0.0/8"] + _many_ranges(SIZES[size])
     rendered = ok(apply(ns, tmp_path, state="rendered", backend=backend, **second))
     assert (len(rendered["restore"]["ipv6"]) > 65536) == (size == "large")
     fail = 'case "$*" in *--counters*) ;; *) echo "injected failure: cannot commit" >&2; exit 3;; esac'

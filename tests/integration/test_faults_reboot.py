@@ -125,27 +125,27 @@ def test_absent_on_a_host_without_tables_creates_none(netns_factory, tmp_path):
 
 # ------------------------------------------------ other software's nft tables
 WIKI_NAT = """table ip nat {
-	chain prerouting {
-		type nat hook prerouting priority dstnat; policy accept;
-		tcp dport 8080 dnat to 192.0.2.5
-	}
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+        tcp dport 8080 dnat to 192.0.2.5
+    }
 
-	chain postrouting {
-		type nat hook postrouting priority srcnat; policy accept;
-		oifname "eth0" masquerade
-	}
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "eth0" masquerade
+    }
 }
 """
 SET_NAT = """table ip nat {
-	set blocked {
-		type ipv4_addr
-		elements = { 192.0.2.9 }
-	}
+    set blocked {
+        type ipv4_addr
+        elements = { 192.0.2.9 }
+    }
 
-	chain PREROUTING {
-		type nat hook prerouting priority dstnat; policy accept;
-		ip saddr @blocked return
-	}
+    chain PREROUTING {
+        type nat hook prerouting priority dstnat; policy accept;
+        ip saddr @blocked return
+    }
 }
 """
 FOREIGN_NFT = {"wiki": WIKI_NAT, "set": SET_NAT}
@@ -230,7 +230,8 @@ def test_state_record_of_an_earlier_release_is_taken_over(netns_factory, tmp_pat
     restore(ns, "ipv4", user["ipv4"])
     before = saves(ns)
     ruleset = ns.run(["nft", "list", "ruleset"]).stdout
-    opts = dict(CONFIGS["kubevirt"], enable_inbound_ipv6=False)
+    opts = dict(CONFIGS["kubevirt"])
+    opts["enable_inbound_ipv6"] = False
     ok(apply(ns, tmp_path, **opts))
     # What the earlier release left: the same rules, no marker, a record.
     from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_marker import MARKER_CHAIN

@@ -254,23 +254,28 @@ def landing(result):
     return "%s (local %s, original destination %s)" % (result["banner"], result["local"], result["orig_dst"])
 
 
-SEEN = set()  # landing places over all cases (for the coverage check)
-
-
-@pytest.mark.parametrize("options", [c[1] for c in CASES], ids=[c[0] for c in CASES])
-def test_nft_steers_like_iptables(sides, options):
-    cfg = CaptureConfig.from_params(mapped_options(options))
-    ruleset = generate(cfg)
-    plan = probe_plan(cfg)
+def assert_same_landing(sides, nft_loader, ruleset, cfg, plan):
+    """Load ruleset as iptables on one side and with nft_loader on the other, run plan's probes on both at
+    once; every probe must land at the same place. Returns the iptables side's results."""
     with ThreadPoolExecutor(2) as pool:
         ipt = pool.submit(run_side, sides["iptables"], load_iptables, ruleset, cfg, plan)
-        nft = pool.submit(run_side, sides["nftables"], load_nftables, ruleset, cfg, plan)
+        nft = pool.submit(run_side, sides["nftables"], nft_loader, ruleset, cfg, plan)
         ipt, nft = ipt.result(), nft.result()
     probes = plan[0] + plan[1]
     assert len(ipt) == len(nft) == len(probes)
     differ = ["%s: iptables -> %s | nftables -> %s" % (probe, landing(a), landing(b))
               for probe, a, b in zip(probes, ipt, nft) if landing(a) != landing(b)]
     assert not differ, "%d of %d probes land elsewhere:\n%s" % (len(differ), len(probes), "\n".join(differ))
+    return ipt
+
+
+SEEN = set()  # landing places over all cases (for the coverage check)
+
+
+@pytest.mark.parametrize("options", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_nft_steers_like_iptables(sides, options):
+    cfg = CaptureConfig.from_params(mapped_options(options))
+    ipt = assert_same_landing(sides, load_nftables, generate(cfg), cfg, probe_plan(cfg))
     assert any(r["ok"] for r in ipt), "no probe got an answer: the topology is broken"
     SEEN.update(r["banner"] for r in ipt if r["ok"])
 
@@ -333,8 +338,8 @@ def release_probe_plan(cfg):
     127.0.0.1 (both over lo)."""
     probes, inbound, in_ports, out_ports = probe_plan(cfg)
     extra = []
-    for uid, gid in [(APP, APP)] + [(int(u), APP) for u in cfg.proxy_uid[:1]] + [(APP, int(g)) for g in
-                                                                               cfg.proxy_gid[-1:]]:
+    owners = [(APP, APP)] + [(int(u), APP) for u in cfg.proxy_uid[:1]] + [(APP, int(g)) for g in cfg.proxy_gid[-1:]]
+    for uid, gid in owners:
         for family in (4, 6):
             extra.append(dict(proto="tcp", dst=HOST[family], port=int(cfg.inbound_tunnel_port), uid=uid, gid=gid))
         extra.append(dict(proto="tcp", dst="127.0.0.2", port=8080, uid=uid, gid=gid))
@@ -356,17 +361,7 @@ def test_release_nft_steers_like_its_iptables(sides, release, options):
     cfg = CaptureConfig.from_params(mapped_options(dict(options, istio_version=release)))
     assert cfg.istio_version == tuple(int(part) for part in release.split("."))
     assert cfg.nft_layout == options.get("nft_layout", "istio" if cfg.istio_version >= (1, 27) else "sets")
-    ruleset = generate(cfg)
-    plan = release_probe_plan(cfg)
-    with ThreadPoolExecutor(2) as pool:
-        ipt = pool.submit(run_side, sides["iptables"], load_iptables, ruleset, cfg, plan)
-        nft = pool.submit(run_side, sides["nftables"], release_nft_loader(cfg), ruleset, cfg, plan)
-        ipt, nft = ipt.result(), nft.result()
-    probes = plan[0] + plan[1]
-    assert len(ipt) == len(nft) == len(probes)
-    differ = ["%s: iptables -> %s | nftables -> %s" % (probe, landing(a), landing(b))
-              for probe, a, b in zip(probes, ipt, nft) if landing(a) != landing(b)]
-    assert not differ, "%d of %d probes land elsewhere:\n%s" % (len(differ), len(probes), "\n".join(differ))
+    ipt = assert_same_landing(sides, release_nft_loader(cfg), generate(cfg), cfg, release_probe_plan(cfg))
     landed = set(r["banner"] for r in ipt if r["ok"])
     # Every configuration captures outbound and inbound traffic, DNS where asked.
     assert {"host:15001", "host:15006"} | ({"host:15053"} if cfg.redirect_dns else set()) <= landed, landed

@@ -272,8 +272,8 @@ def test_sidecar_env_task_says_what_it_does_in_both_states(netns_factory, tmp_pa
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("version, expected", [("auto", "1.17"), ("1.28.3", "1.28")], ids=["auto-none-installed",
-                                                                                             "explicit"])
+@pytest.mark.parametrize("version, expected", [("auto", "1.17"), ("1.28.3", "1.28")],
+                         ids=["auto-none-installed", "explicit"])
 def test_istio_version_reaches_the_rules_module(netns_factory, tmp_path, version, expected):
     # This machine has no Istio sidecar package or pilot-agent: auto falls back to 1.17.
     ns = netns_factory("istio")

@@ -15,7 +15,6 @@ import pytest
 import netns
 import release_traffic
 from netns import HOST_V4, HOST_V6, fmt_addr, tcp_connect, tcp_listener, udp_dns_listener, udp_query
-from module_runner import run_module
 from rules_helpers import apply, ok
 
 pytestmark = pytest.mark.netns
@@ -41,13 +40,9 @@ CAPTURE = dict(
 
 
 def build(topo):
+    """(host, peer) with the peer's addresses of tests/release_traffic.py, no policy routing on the host."""
     host, peer = topo.host_and_peer()
-    for addr in ("198.51.100.7/32", "198.51.100.200/32"):
-        peer.run(["ip", "addr", "add", addr, "dev", "lo"])
-    for addr in ("2001:db8:ffff::7/128", "2001:db8:fffe::9/128"):
-        peer.run(["ip", "addr", "add", addr, "dev", "lo", "nodad"])
-    peer.run(["ip", "addr", "add", "192.0.2.53/32", "dev", "eth0"])
-    peer.run(["ip", "addr", "add", "2001:db8::53/128", "dev", "eth0", "nodad"])
+    release_traffic.add_peer_addresses(peer)
     return host, peer
 
 
@@ -190,8 +185,7 @@ def test_inbound_tproxy(topology, tmp_path, family, backend):
     """TPROXY (with meshcapture.sidecar.routes for the mark's local route): the
     transparent 15006 listener sees the original destination as its local
     address; excluded ports reach the app."""
-    host, peer = build(topology)
-    ok(run_module("routes", dict(enable_inbound_ipv6=True), netns=host))
+    host, peer = release_traffic.build(topology)
     ok(apply(host, tmp_path, backend=backend, inbound_interception_mode="TPROXY", inbound_ports_include=["*"],
              inbound_ports_exclude=["8081"], enable_inbound_ipv6=True))
     a = ADDR[family]

@@ -679,8 +679,8 @@ def test_boot_payload_nft_is_persisted_with_the_nftables_backend():
                                                "boot_payload": boot, "backend": "nftables"}})
     fake.run()
     files = fake.calls[-1][1]["files"]
-    assert [(f["name"], f["content"]) for f in files[:3]] == [("rules.v4", ""), ("rules.v6", ""),
-                                                               ("rules.nft", boot["nft"])]
+    assert [(f["name"], f["content"]) for f in files[:3]] == [
+        ("rules.v4", ""), ("rules.v6", ""), ("rules.nft", boot["nft"])]
 
 
 # ---------------------------------------------------------------------------
@@ -905,7 +905,8 @@ def test_host_script_on_this_machine(tmp_path):
     assert host["networkd_dir"] == "0"
     assert host["python"] == "/no/such/python"
     assert host["missing"].split() == ["pyroute2", "meshcapture-no-such-command"]
-    if not subprocess.run(["sh", "-c", "command -v dpkg-query || command -v rpm"], capture_output=True).stdout:
+    if not subprocess.run(["sh", "-c", "command -v dpkg-query || command -v rpm"], capture_output=True,
+                          check=False).stdout:
         assert host["istio_agent"] == "client version: 1.26.2"
     conf_dir.mkdir()
     out = subprocess.run(["/bin/sh", "-c", host_script(networkd_dir=str(conf_dir))], capture_output=True, text=True,

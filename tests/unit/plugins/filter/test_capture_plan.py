@@ -161,7 +161,7 @@ def test_whole_plan():
         "rules_args": {"inbound_ports_include": "*", "inbound_ports_exclude": ["15090", "15021", "15020", "2222"],
                        "redirect_dns": "true", "outbound_ip_ranges_include": "*", "enable_inbound_ipv6": True},
         "guard": {"port": 2222, "ports": [2222], "refuse": False, "needed": True,
-                      "excluded": ["15090", "15021", "15020", "2222"]},
+                  "excluded": ["15090", "15021", "15020", "2222"]},
         "routes_wanted": {"tproxy": False, "mark": 1337, "table": 133, "ipv6": True},
         "routes_previous": {"tproxy": True, "mark": 1400, "table": 140, "ipv6": False},
     }

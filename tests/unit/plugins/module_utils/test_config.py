@@ -145,21 +145,15 @@ def test_numeric_owners_need_no_lookup():
 
 
 SUPPORTED = ("1.17, 1.18, 1.19, 1.20, 1.21, 1.22, 1.23, 1.24, 1.25, 1.26, 1.27, 1.28, 1.29, 1.30")
+UNSUPPORTED = ("istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
+               "release)" % SUPPORTED)
 
 # (options, exact message)
 RELEASE_ERRORS = [
-    (dict(istio_version="1.16"),
-     "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
-     "release) (got '1.16')" % SUPPORTED),
-    (dict(istio_version="1.31.0"),
-     "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
-     "release) (got '1.31.0')" % SUPPORTED),
-    (dict(istio_version="1.2x"),
-     "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
-     "release) (got '1.2x')" % SUPPORTED),
-    (dict(istio_version="1.026"),
-     "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
-     "release) (got '1.026')" % SUPPORTED),
+    (dict(istio_version="1.16"), UNSUPPORTED + " (got '1.16')"),
+    (dict(istio_version="1.31.0"), UNSUPPORTED + " (got '1.31.0')"),
+    (dict(istio_version="1.2x"), UNSUPPORTED + " (got '1.2x')"),
+    (dict(istio_version="1.026"), UNSUPPORTED + " (got '1.026')"),
     (dict(host_ipv4_loopback_cidr="127.0.0.1/8"),
      "host_ipv4_loopback_cidr: not an option of Istio 1.17: it is new in Istio 1.21 (istio_version) "
      "(got '127.0.0.1/8')"),
@@ -242,6 +236,4 @@ def test_host_ipv4_loopback_cidr_kept_as_written():
 def test_unquoted_yaml_version_gets_a_hint(value):
     with pytest.raises(ConfigError) as err:
         CaptureConfig.from_params({"istio_version": value})
-    assert str(err.value) == (
-        "istio_version: unsupported Istio release; supported: %s (a patch version such as 1.28.3 selects its "
-        "release); quote the version in YAML, an unquoted 1.20 is the number 1.2 (got '1.2')" % SUPPORTED)
+    assert str(err.value) == UNSUPPORTED + "; quote the version in YAML, an unquoted 1.20 is the number 1.2 (got '1.2')"

@@ -15,7 +15,6 @@ import stat
 
 import pytest
 
-from ansible_collections.meshcapture.sidecar.plugins.module_utils import capture_store
 from ansible_collections.meshcapture.sidecar.plugins.modules import persist
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
@@ -544,7 +543,7 @@ def _contents(directory):
     ("meshcapture-restore.sh", errno.EIO, "Input/output error"),
 ], ids=["enospc-second-file", "erofs-first-file", "eio-last-file"])
 def test_failed_write_leaves_the_previous_set_complete_and_active(run_module, layout, monkeypatch,
-                                                                   failing, errno_, reason):
+                                                                  failing, errno_, reason):
     directory, unit = layout
     run_module(persist.main, args(directory, unit))
     before = _contents(directory)
