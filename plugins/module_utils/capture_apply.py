@@ -56,6 +56,7 @@ from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store 
     current_netns_id,
     keep_cache,
     mtime,
+    remove_quietly,
 )
 
 BACKENDS = ("iptables-nft", "iptables-legacy")
@@ -306,10 +307,7 @@ class Engine(object):
         return families if isinstance(families, dict) else None
 
     def _remove_legacy_record(self):
-        try:
-            os.unlink(self._legacy_path())
-        except OSError:
-            pass
+        remove_quietly(self._legacy_path())
 
     # -- canonical form ----------------------------------------------------
     def _canonical_cache(self, family, payload):

@@ -29,7 +29,7 @@ import signal
 import time
 
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import ApplyError, CaptureError
-from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import write_atomic
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import remove_quietly, write_atomic
 
 
 def journal_path(state_dir, netns_id):
@@ -46,10 +46,7 @@ def read_journal(path):
 
 
 def remove_journal(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    remove_quietly(path)
 
 
 def _encode_error(err):

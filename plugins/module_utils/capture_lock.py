@@ -19,10 +19,10 @@ __metaclass__ = type
 import errno
 import fcntl
 import os
-import stat
 import time
 
 from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_config import CaptureError
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import StoreError, ensure_private_dir
 
 LOCK_DIR = "/run/meshcapture"
 LOCK_TIMEOUT = 60.0
@@ -30,23 +30,6 @@ LOCK_TIMEOUT = 60.0
 
 class LockError(CaptureError):
     """The lock could not be taken (held by another run, or an unsafe directory)."""
-
-
-def check_dir(path, uid=0):
-    """Raise LockError when path is not a directory only root (uid) can write."""
-    try:
-        st = os.lstat(path)
-    except OSError as err:
-        raise LockError("lock directory %s: %s" % (path, err.strerror))
-    if stat.S_ISLNK(st.st_mode):
-        raise LockError("lock directory %s is a symlink: refusing it (remove it; it is created 0700 root)" % path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise LockError("lock directory %s is not a directory: refusing it" % path)
-    if st.st_uid != uid:
-        raise LockError("lock directory %s is owned by uid %d, not root: refusing it" % (path, st.st_uid))
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise LockError("lock directory %s is writable by group or others (mode %04o): refusing it"
-                        % (path, stat.S_IMODE(st.st_mode)))
 
 
 def lock_path(netns_id, directory=LOCK_DIR):
@@ -61,25 +44,22 @@ class HostLock(object):
     the lock held until it is done even when the module is killed.
     """
 
-    def __init__(self, netns_id, directory=LOCK_DIR, timeout=LOCK_TIMEOUT, uid=0, create=True):
+    def __init__(self, netns_id, directory=LOCK_DIR, timeout=LOCK_TIMEOUT, create=True):
         self.directory = directory
         self.path = lock_path(netns_id, directory)
         self.timeout = timeout
-        self.uid = uid
         self.create = create
         self.fd = None
 
     def acquire(self):
         """Take the lock; False when the directory is missing and create is off (nothing to lock)."""
-        if not os.path.lexists(self.directory):
-            if not self.create:
-                return False
-            try:
-                os.makedirs(self.directory, 0o700)
-            except OSError as err:
-                if err.errno != errno.EEXIST:
-                    raise LockError("cannot create the lock directory %s: %s" % (self.directory, err.strerror))
-        check_dir(self.directory, self.uid)
+        if not self.create and not os.path.lexists(self.directory):
+            return False
+        try:
+            # Created 0700 when missing; refused when another user could change it.
+            ensure_private_dir(self.directory)
+        except StoreError as err:
+            raise LockError("lock directory %s" % err)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as err:

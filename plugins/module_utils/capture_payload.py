@@ -16,6 +16,8 @@ __metaclass__ = type
 import os
 import tempfile
 
+from ansible_collections.meshcapture.sidecar.plugins.module_utils.capture_store import remove_quietly
+
 
 class PayloadFile(object):
     """A temporary file (mode 0600) holding text; its path while in use, removed afterwards."""
@@ -31,8 +33,5 @@ class PayloadFile(object):
         return self.path
 
     def __exit__(self, *exc):
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        remove_quietly(self.path)
         return False
