@@ -272,6 +272,19 @@ def test_sidecar_env_task_says_what_it_does_in_both_states(netns_factory, tmp_pa
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("enable, reported", [(True, True), (False, False)], ids=["enable", "disabled-as-asked"])
+def test_unit_not_enabled_is_reported_only_when_enabling_was_asked(netns_factory, tmp_path, enable, reported):
+    """No systemd in a namespace: with capture_systemd_enable the role says why the unit is not enabled, on
+    every run; with it false (what was asked) it says nothing and runs no task for it."""
+    ns = netns_factory("unit")
+    for dummy in ("converge", "re-run"):
+        proc = run_role(ns, tmp_path, capture_inbound_ports_include="8080", capture_systemd_enable=enable)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert ("is written but not enabled: systemd is not running on this host" in proc.stdout) is reported
+        assert ("Report that the restore unit is not enabled" in proc.stdout) is reported
+
+
+@pytest.mark.netns
 @pytest.mark.parametrize("version, expected", [("auto", "1.17"), ("1.28.3", "1.28")],
                          ids=["auto-none-installed", "explicit"])
 def test_istio_version_reaches_the_rules_module(netns_factory, tmp_path, version, expected):
