@@ -366,12 +366,22 @@ def compact_lists(args):
 
 
 def fingerprint_script(paths):
-    """One line per path (type|mode|owner|group|sha256, or '-'), then systemd=0/1."""
+    """One line per path (type|mode|owner|group|sha256, or '-'), then systemd=0/1.
+
+    One stat and one sha256sum for all the paths (not two processes per path), joined by path in awk: the
+    paths first (P lines), then stat's (S lines, the name last), then sha256sum's. A path sha256sum
+    escapes (a backslash or newline in it) has no hash, so it is '-', which makes persist run."""
+    quoted = " ".join(shlex_quote(path) for path in paths)
+    awk = ("awk '/^P/ {n++; p[n] = substr($0, 2); next}"
+           " /^S/ {i = index($0, \"|\"); i += index(substr($0, i + 1), \"|\");"
+           " i += index(substr($0, i + 1), \"|\"); i += index(substr($0, i + 1), \"|\");"
+           " s[substr($0, i + 1)] = substr($0, 2, i - 2); next}"
+           " /^[0-9a-f]+  / {h[substr($0, 67)] = substr($0, 1, 64)}"
+           " END {for (k = 1; k <= n; k++) if ((p[k] in s) && (p[k] in h)) print s[p[k]] \"|\" h[p[k]];"
+           " else print \"-\"}'")
     lines = ["printf '#meshcapture-file %s\\n'" % FINGERPRINT_SECTION,
-             "for f in %s; do" % " ".join(shlex_quote(path) for path in paths),
-             "  if s=$(LC_ALL=C stat -c '%F|%a|%U|%G' -- \"$f\" 2>/dev/null) && h=$(sha256sum < \"$f\" 2>/dev/null);"
-             " then printf '%s|%s\\n' \"$s\" \"${h%% *}\"; else echo -; fi",
-             "done",
+             "fp() { printf 'P%s\\n' \"$@\"; LC_ALL=C stat -c 'S%F|%a|%U|%G|%n' -- \"$@\"; sha256sum -- \"$@\"; }",
+             "fp %s 2>/dev/null | %s" % (quoted, awk),
              "if [ -d %s ]; then echo systemd=1; else echo systemd=0; fi" % SYSTEMD_BOOTED_PATH]
     return "\n".join(lines)
 
