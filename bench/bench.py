@@ -768,10 +768,9 @@ def goals(b: Bench):
             floor_t, bare = b.med("floor" + suffix), b.med(top + ".bare" + suffix)
             first, noop = b.med(key + ".first" + suffix), b.med(key + ".noop" + suffix)
             limit = floor_t + bare + BIG_FIRST_MARGIN
-            out.append(("%s (%s), %s: first apply <= floor + bare restore + %g s" % (label, path, clock,
-                                                                                    BIG_FIRST_MARGIN),
-                        "%.2f %s, limit %.2f + %.2f + %g = %.2f" % (first, unit, floor_t, bare, BIG_FIRST_MARGIN,
-                                                                     limit),
+            title = "%s (%s), %s: first apply <= floor + bare restore + %g s" % (label, path, clock, BIG_FIRST_MARGIN)
+            figures = "%.2f %s, limit %.2f + %.2f + %g = %.2f" % (first, unit, floor_t, bare, BIG_FIRST_MARGIN, limit)
+            out.append((title, figures,
                         verdict(first <= limit, first, floor_t, bare)))
             limit = floor_t + BIG_NOOP_MARGIN
             out.append(("%s (%s), %s: no-op <= floor + %g s" % (label, path, clock, BIG_NOOP_MARGIN),
@@ -963,8 +962,8 @@ def scale_report(b: Bench, add):
         add("    %-56s %s / %s, %s / %s%s" % (
             text, fmt_s(b.med(k + ".first")), fmt_s(b.med(k + ".first.cpu")), fmt_s(b.med(k + ".noop")),
             fmt_s(b.med(k + ".noop.cpu")), alone))
-    add("    floor %s / %s, bare restore %s / %s" % (fmt_s(b.med("floor")), fmt_s(b.med("floor.cpu")),
-                                                    fmt_s(b.med(top + ".bare")), fmt_s(b.med(top + ".bare.cpu"))))
+    add("    floor %s / %s, bare restore %s / %s" % (
+        fmt_s(b.med("floor")), fmt_s(b.med("floor.cpu")), fmt_s(b.med(top + ".bare")), fmt_s(b.med(top + ".bare.cpu"))))
     k = "scale%d" % SCALE_POINTS[-1]
     add("  the floor playbook with the lists loaded as variables (-e @vars.json, not used): %s s, %s s more than"
         % (fmt_s(b.med(k + ".floorvars")), fmt_s(b.med(k + ".floorvars") - b.med("floor"))))
@@ -1014,8 +1013,8 @@ def fleet_report(b: Bench, add):
                 controller, target = per_host[what]
                 if math.isnan(controller):
                     continue
-                add("    %-16s %.2f + %.2f = %.2f   %.1fx" % (text, controller, target, controller + target,
-                                                            controller / per_host["floor"][0]))
+                add("    %-16s %.2f + %.2f = %.2f   %.1fx" % (
+                    text, controller, target, controller + target, controller / per_host["floor"][0]))
             add("  action: bench/playbooks/capture.yml on fresh hosts, the role's one task that does a host's work")
             add("  (the capture action, nothing persisted); the role's other tasks cost the controller the difference")
         ncpu = os.cpu_count() or 1
@@ -1031,8 +1030,8 @@ def memory_report(b: Bench, add):
            max(r[top + ".rss_first"]) / 1024))
     vm_rss = "" if "vm.rss_first" not in r else "; VM-style, %d rules: %.1f MiB" % (
         b.info["vm.rules"], max(r["vm.rss_first"]) / 1024)
-    add("  %.1f MiB no-op%s; the largest of %d runs" % (max(r[top + ".rss_noop"]) / 1024, vm_rss,
-                                                       len(r[top + ".rss_first"])))
+    add("  %.1f MiB no-op%s; the largest of %d runs" % (
+        max(r[top + ".rss_noop"]) / 1024, vm_rss, len(r[top + ".rss_first"])))
     add("")
 
 

@@ -66,8 +66,8 @@ def run(argv, check=True, timeout=60, **kwargs):
     kwargs.setdefault("stderr", subprocess.PIPE)
     proc = subprocess.run([str(a) for a in argv], timeout=timeout, universal_newlines=True, check=False, **kwargs)
     if check and proc.returncode != 0:
-        raise VMError("%s failed (%d): %s" % (" ".join(shlex.quote(str(a)) for a in argv), proc.returncode,
-                                               (proc.stderr or "").strip()[-2000:]))
+        raise VMError("%s failed (%d): %s" % (
+            " ".join(shlex.quote(str(a)) for a in argv), proc.returncode, (proc.stderr or "").strip()[-2000:]))
     return proc
 
 
@@ -334,8 +334,8 @@ class VM:
                 raise VMError("ssh %r timed out after %ss" % (command, timeout)) from exc
             return subprocess.CompletedProcess(exc.cmd, 124, "", "timed out")
         if check and proc.returncode != 0:
-            raise VMError("in the VM: %r failed (%d): %s%s" % (command, proc.returncode, proc.stdout[-2000:],
-                                                                proc.stderr[-2000:]))
+            raise VMError("in the VM: %r failed (%d): %s%s" % (
+                command, proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:]))
         return proc
 
     def copy_in(self, local_path, remote_path):
