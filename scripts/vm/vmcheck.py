@@ -84,7 +84,10 @@ def canonical_ruleset(text):
     the order of its restore file); the rules inside a chain keep their
     order."""
     tables = []
-    for table in _blocks([line for line in text.splitlines() if line.strip()], ""):
+    # nft prints "# Warning: table ip nat is managed by iptables-nft, do not
+    # touch!" above such a table: a comment, not part of the table's block.
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    for table in _blocks(lines, ""):
         head, body, tail = table[0], table[1:-1], table[-1:]
         chains = sorted(_blocks(body, "\t"))
         tables.append([head] + [line for chain in chains for line in chain] + tail)
