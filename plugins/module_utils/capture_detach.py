@@ -89,7 +89,11 @@ def run_detached(fn, journal=None, intent=None):
         try:
             os.close(rfd)
             os.setsid()
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            # A stop of the whole service or container (SIGTERM to every process, SIGKILL only after a
+            # grace period) or a Ctrl-C does not cut the apply short: it and the restores it runs (an
+            # ignored signal stays ignored across exec) finish, which takes seconds at most.
+            for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_IGN)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import netns
+
 from module_runner import warning_messages
 from rules_helpers import (CONFIGS, FAMILIES, RESTORE, add_foreign, apply, assert_marked, assert_same, calls,
                            finish_module, ok, restore, saves, start_module, state_dir, wait_unlocked, without_marker,
@@ -116,6 +118,36 @@ def test_killing_the_module_during_a_restore_leaves_the_new_capture(netns_factor
             proc.kill()
     wait_unlocked(ns)
     _converged(ns, tmp_path, backend, SECOND, reference, foreign)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_to_every_process_of_the_run_leaves_the_new_capture(netns_factory, tmp_path, reference, backend):
+    """A service or container stop sends SIGTERM to every process (SIGKILL only after a grace period): sent
+    to the module, its apply process and the running IPv4 restore, it ends the module; the apply and its
+    restores go on to the end, and the host holds exactly the new capture."""
+    ns = netns_factory("term")
+    add_foreign(ns, backend=backend)
+    foreign = saves(ns, backend=backend)
+    ok(apply(ns, tmp_path, backend=backend, **FIRST))
+    directory = wrappers(tmp_path, backend, {f: "sleep 1" for f in FAMILIES})
+    proc = start_module(ns, tmp_path, path_dirs=[directory], backend=backend, **SECOND)
+    try:
+        wait_for_call(directory, RESTORE[backend]["ipv4"])
+        for pid in ns_pids(ns):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        assert finish_module(proc) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_unlocked(ns)
+    _converged(ns, tmp_path, backend, SECOND, reference, foreign)
+
+
+def ns_pids(ns):
+    return [int(pid) for pid in netns.run(["ip", "netns", "pids", ns.name]).stdout.split()]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
