@@ -93,14 +93,10 @@ def _converged(ns, tmp_path, backend, config, reference, foreign):
 KILLS = [(backend, family, how) for backend in BACKENDS for family in FAMILIES for how in ("module", "group")]
 
 
-@pytest.mark.parametrize("backend, family, how", KILLS, ids=["%s-%s-kill-%s" % k for k in KILLS])
-def test_killing_the_module_during_a_restore_leaves_the_new_capture(netns_factory, tmp_path, reference,
-                                                                    backend, family, how):
-    """SIGKILL of the module (or of its whole process group, as a task
-    timeout does) while the IPv4 or the IPv6 restore runs: the apply goes
-    on to the end in its detached process; the host holds exactly the new
-    capture, and the next run has nothing to do."""
-    ns = netns_factory("kill")
+def _interrupted_apply_converges(ns, tmp_path, reference, backend, family, interrupt):
+    """Apply FIRST, then SECOND with slow restores; interrupt(proc) while the
+    family's restore runs must end the module without a result, and the
+    host must hold exactly SECOND (the detached apply went on to the end)."""
     add_foreign(ns, backend=backend)
     foreign = saves(ns, backend=backend)
     ok(apply(ns, tmp_path, backend=backend, **FIRST))
@@ -108,16 +104,28 @@ def test_killing_the_module_during_a_restore_leaves_the_new_capture(netns_factor
     proc = start_module(ns, tmp_path, path_dirs=[directory], backend=backend, **SECOND)
     try:
         wait_for_call(directory, RESTORE[backend][family])
-        if how == "module":
-            os.kill(proc.pid, signal.SIGKILL)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
+        interrupt(proc)
         assert finish_module(proc) is None
     finally:
         if proc.poll() is None:
             proc.kill()
     wait_unlocked(ns)
     _converged(ns, tmp_path, backend, SECOND, reference, foreign)
+
+
+@pytest.mark.parametrize("backend, family, how", KILLS, ids=["%s-%s-kill-%s" % k for k in KILLS])
+def test_killing_the_module_during_a_restore_leaves_the_new_capture(netns_factory, tmp_path, reference,
+                                                                    backend, family, how):
+    """SIGKILL of the module (or of its whole process group, as a task
+    timeout does) while the IPv4 or the IPv6 restore runs: the apply goes
+    on to the end in its detached process; the host holds exactly the new
+    capture, and the next run has nothing to do."""
+    def kill(proc):
+        if how == "module":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _interrupted_apply_converges(netns_factory("kill"), tmp_path, reference, backend, family, kill)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,28 +134,14 @@ def test_sigterm_to_every_process_of_the_run_leaves_the_new_capture(netns_factor
     to the module, its apply process and the running IPv4 restore, it ends the module; the apply and its
     restores go on to the end, and the host holds exactly the new capture."""
     ns = netns_factory("term")
-    add_foreign(ns, backend=backend)
-    foreign = saves(ns, backend=backend)
-    ok(apply(ns, tmp_path, backend=backend, **FIRST))
-    directory = wrappers(tmp_path, backend, {f: "sleep 1" for f in FAMILIES})
-    proc = start_module(ns, tmp_path, path_dirs=[directory], backend=backend, **SECOND)
-    try:
-        wait_for_call(directory, RESTORE[backend]["ipv4"])
-        for pid in ns_pids(ns):
+
+    def terminate_all(dummy):
+        for pid in netns.run(["ip", "netns", "pids", ns.name]).stdout.split():
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(int(pid), signal.SIGTERM)
             except OSError:
                 pass
-        assert finish_module(proc) is None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    wait_unlocked(ns)
-    _converged(ns, tmp_path, backend, SECOND, reference, foreign)
-
-
-def ns_pids(ns):
-    return [int(pid) for pid in netns.run(["ip", "netns", "pids", ns.name]).stdout.split()]
+    _interrupted_apply_converges(ns, tmp_path, reference, backend, "ipv4", terminate_all)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
